@@ -1,32 +1,28 @@
 #include "engine.h"
 
 #include <fcntl.h>
-#include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cctype>
 #include <chrono>
-#include <cmath>
 #include <cstdio>
-#include <cstring>
-#include <fstream>
-#include <functional>
-#include <unordered_map>
+#include <unordered_set>
 
-#include "chat.h"
 #include "common.h"
-#include "json-schema-to-grammar.h"
-#include "json.h"
-#include "input_limits.h"
-#include "sampling.h"
+#include "embedder.h"
+#include "model.h"
+#include "sampler.h"
 #include "scheduler.h"
-#include "templates.h"
 #include "text.h"
 
 namespace llamabox {
 
 namespace {
+
+// Requests are prepared on this many threads, at this nice value (Linux: per thread): a long
+// tokenization then takes its time, not the decode threads' cores.
+constexpr int PREPARE_THREADS = 2;
+constexpr int PREPARE_NICE    = 10;
 
 int64_t now_us() {
     return std::chrono::duration_cast<std::chrono::microseconds>(
@@ -42,82 +38,41 @@ ggml_type parse_cache_type(const std::string & name) {
     throw load_error("unknown KV cache type '" + name + "' (try f16, bf16, q8_0, q4_0)");
 }
 
-// Refuses a path before llama.cpp sees it, with a message a user can act on.
-void check_model_file(const std::string & path) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) throw load_error("model file not found or unreadable: " + path);
-    char magic[4] = {};
-    f.read(magic, 4);
-    if (f.gcount() != 4 || std::memcmp(magic, "GGUF", 4) != 0) {
-        throw load_error("not a GGUF file: " + path);
-    }
+void batch_add(llama_batch & b, llama_token tok, llama_pos pos, llama_seq_id seq, bool logits) {
+    const int32_t i = b.n_tokens++;
+    b.token[i]     = tok;
+    b.pos[i]       = pos;
+    b.n_seq_id[i]  = 1;
+    b.seq_id[i][0] = seq;
+    b.logits[i]    = logits;
 }
 
-std::string meta_str(const llama_model * model, const char * key) {
-    char buf[256];
-    const int32_t n = llama_model_meta_val_str(model, key, buf, sizeof(buf));
-    return n < 0 ? std::string() : std::string(buf);
+std::string decode_error(int32_t ret) {
+    if (ret == 1) return "llama_decode found no room in the KV cache for this request (code 1)";
+    return "llama_decode failed for this request (code " + std::to_string(ret) + ")";
 }
-
-// The request's own constraints (grammar, logit_bias, ignore_eos) leave no token to sample: its
-// event is marked as the request's fault (HTTP 400), not the server's.
-struct constraint_error : std::runtime_error { using std::runtime_error::runtime_error; };
 
 }  // namespace
-
-// Collects llama.cpp's log lines: prints them when verbose (errors always), and keeps the last
-// errors so a failed load can say why.
-class log_sink {
-public:
-    explicit log_sink(bool verbose) : verbose_(verbose) {}
-
-    static void callback(ggml_log_level level, const char * text, void * user_data) {
-        static_cast<log_sink *>(user_data)->on_log(level, text);
-    }
-
-    std::string last_errors() {
-        std::lock_guard<std::mutex> lk(mtx_);
-        std::string out;
-        for (const auto & e : errors_) out += e;
-        return out;
-    }
-
-private:
-    void on_log(ggml_log_level level, const char * text) {
-        if (level == GGML_LOG_LEVEL_CONT) level = last_level_;
-        last_level_ = level;
-        if (verbose_ || level >= GGML_LOG_LEVEL_ERROR) std::fputs(text, stderr);
-        if (level >= GGML_LOG_LEVEL_ERROR) {
-            std::lock_guard<std::mutex> lk(mtx_);
-            errors_.emplace_back(text);
-            if (errors_.size() > 8) errors_.pop_front();
-        }
-    }
-
-    bool                    verbose_;
-    ggml_log_level          last_level_ = GGML_LOG_LEVEL_INFO;
-    std::mutex              mtx_;
-    std::deque<std::string> errors_;
-};
 
 // A request being served: its sampler, output state and counters.
 struct task {
     request            req;
-    common_sampler_ptr smpl;
-    bool               plain_greedy = false;  // argmax over the logits; no sampler chain needed
-    bool               top_k_first  = false;  // nothing before top-k changes the logits
-    bool               ignore_eos   = false;  // as asked, unless a grammar decides the end
+    std::unique_ptr<request_sampler> smpl;  // generation only
     utf8_decoder       utf8;
     stop_matcher       stops;
     uint64_t           t_arrival  = 0;
     bool               generating = false;
-    llama_token        next_token = LLAMA_TOKEN_NULL;  // sampled, goes into the next step
+    // The token that goes into the next step: the last prompt token first, then each sampled
+    // one. The last prompt token is decoded on its own, like a sampled token, so its logits
+    // (and the first sampled token) never depend on how much of the prompt was cached.
+    llama_token        next_token = LLAMA_TOKEN_NULL;
     int32_t            n_cached   = 0;
     int32_t            n_decoded  = 0;
     int64_t            t_start_us = 0;
     int64_t            t_first_us = 0;
     event              ev;  // this step's output, flushed at the end of the step
-    std::vector<llama_token_data> candidates;  // scratch for sample_top_k_first
+
+    size_t n_prefill() const { return req.prompt.size() - 1; }  // prompt tokens decoded as prefill
 };
 
 struct slot {
@@ -129,36 +84,33 @@ struct slot {
     int32_t                  i_out   = -1;  // batch index of its output, -1 if none
 
     bool is_idle() const { return t == nullptr; }
-    bool is_embedding() const { return t && t->req.kind == REQUEST_KIND_EMBEDDING; }
 };
 
-engine::engine(const engine_params & params) : params_(params) {
-    log_ = std::make_unique<log_sink>(params_.verbose);
-    llama_log_set(log_sink::callback, log_.get());
-    llama_backend_init();
+prepared::prepared() = default;
+prepared::~prepared() = default;
+prepared::prepared(prepared &&) noexcept = default;
+prepared & prepared::operator=(prepared &&) noexcept = default;
 
+engine::engine(const engine_params & params) : params_(params), log_verbose_(params.verbose) {
+    llama_backend_init();
     if (params_.n_parallel < 1) throw load_error("n_parallel must be at least 1");
     if (params_.n_batch < 1 || params_.n_ubatch < 1) throw load_error("n_batch and n_ubatch must be positive");
-    check_model_file(params_.model_path);
 
-    auto mparams = llama_model_default_params();
-    mparams.n_gpu_layers = params_.n_gpu_layers;
-    mparams.use_extra_bufts = params_.repack;
-    mparams.load_mode    = params_.use_mmap ? (params_.use_mlock ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MMAP)
-                                            : (params_.use_mlock ? LLAMA_LOAD_MODE_MLOCK : LLAMA_LOAD_MODE_NONE);
-    model_.reset(llama_model_load_from_file(params_.model_path.c_str(), mparams));
-    if (!model_) {
-        std::string why = log_->last_errors();
-        throw load_error("failed to load model " + params_.model_path +
-                         (why.empty() ? std::string(" (unsupported architecture or corrupt file)") : ": " + why));
-    }
-    vocab_ = llama_model_get_vocab(model_.get());
+    model_params mp;
+    mp.path          = params_.model_path;
+    mp.n_gpu_layers  = params_.n_gpu_layers;
+    mp.use_mmap      = params_.use_mmap;
+    mp.use_mlock     = params_.use_mlock;
+    mp.repack        = params_.repack;
+    mp.chat_template = params_.chat_template;
+    model_ = std::make_unique<model>(mp);
 
     auto cparams = llama_context_default_params();
     const int32_t n_threads = params_.n_threads > 0 ? params_.n_threads : common_cpu_get_num_math();
+    const int32_t n_ubatch  = std::min(params_.n_ubatch, params_.n_batch);
     cparams.n_ctx           = params_.n_ctx > 0 ? (uint32_t) params_.n_ctx : 0;
     cparams.n_batch         = (uint32_t) params_.n_batch;
-    cparams.n_ubatch        = (uint32_t) std::min(params_.n_ubatch, params_.n_batch);
+    cparams.n_ubatch        = (uint32_t) n_ubatch;
     cparams.n_seq_max       = (uint32_t) params_.n_parallel;
     cparams.n_threads       = n_threads;
     cparams.n_threads_batch = params_.n_threads_batch > 0 ? params_.n_threads_batch : n_threads;
@@ -168,69 +120,38 @@ engine::engine(const engine_params & params) : params_(params) {
     cparams.kv_unified      = params_.kv_unified;
     cparams.swa_full        = params_.swa_full;
     cparams.no_perf         = true;
-    // A server needs logits only for each sequence's next token (and drafts): the output buffer
-    // and the logits part of the compute buffer are sized for that, not for a whole ubatch of a
-    // 262k vocabulary.
-    cparams.n_outputs_max   = params_.embeddings ? 0 : (uint32_t) std::min(params_.n_batch, params_.n_parallel);
-    cparams.embeddings      = params_.embeddings;
-    if (params_.embeddings) {
-        int32_t pooling = params_.pooling;
-        // A generative model names no pooling; mean pooling gives it usable sentence embeddings.
-        const std::string arch = meta_str(model_.get(), "general.architecture");
-        if (pooling < 0 && meta_str(model_.get(), (arch + ".pooling_type").c_str()).empty()) {
-            pooling = LLAMA_POOLING_TYPE_MEAN;
+    // A step asks for logits of one token per slot (its next token), never of prompt tokens:
+    // the output buffer and the logits part of the compute buffer are sized for that, not for a
+    // whole ubatch of a 262k vocabulary.
+    cparams.n_outputs_max   = (uint32_t) std::min(params_.n_batch, params_.n_parallel);
+    {
+        log_capture capture;
+        ctx_.reset(llama_init_from_model(model_->get(), cparams));
+        if (!ctx_) {
+            throw load_error("failed to create a context for " + params_.model_path +
+                             (capture.errors().empty() ? std::string() : ": " + capture.errors()));
         }
-        cparams.pooling_type = static_cast<enum llama_pooling_type>(pooling);
     }
-    ctx_.reset(llama_init_from_model(model_.get(), cparams));
-    if (!ctx_) {
-        std::string why = log_->last_errors();
-        throw load_error("failed to create a context for " + params_.model_path + (why.empty() ? "" : ": " + why));
-    }
-    if (params_.embeddings) llama_set_embeddings(ctx_.get(), false);
-
-    // Chat template: the user's, else the model's, else a fallback chosen by architecture.
-    std::string tmpl_src = params_.chat_template;
-    if (tmpl_src.empty() && !llama_model_chat_template(model_.get(), nullptr)) {
-        tmpl_src = fallback_chat_template(meta_str(model_.get(), "general.architecture"));
-    }
-    try {
-        tmpls_ = std::shared_ptr<common_chat_templates>(common_chat_templates_init(model_.get(), tmpl_src).release(),
-                                                        common_chat_templates_free);
-    } catch (const std::exception & e) {
-        throw load_error(std::string("invalid chat template: ") + e.what());
+    if (params_.embeddings) {
+        embedder_params ep;
+        ep.n_tokens_max = n_ubatch;
+        ep.n_seq_max    = std::max(params_.n_parallel, 8);
+        ep.pooling      = params_.pooling;
+        ep.n_threads    = cparams.n_threads_batch;
+        ep.flash_attn   = params_.flash_attn;
+        emb_ = std::make_unique<embedder>(*model_, ep);
     }
 
-    for (llama_token t = 0; t < llama_vocab_n_tokens(vocab_); ++t) {
-        if (llama_vocab_is_eog(vocab_, t)) eog_bias_.emplace_back(t, -INFINITY);
-    }
-    int32_t n_suppress = 0;
-    llama_vocab_get_suppress_tokens(vocab_, &n_suppress);
-    has_suppress_ = n_suppress > 0;
+    info_.path = params_.model_path;
+    model_->describe(info_);
+    info_.n_ctx      = (int32_t) llama_n_ctx(ctx_.get());
+    info_.n_ctx_slot = (int32_t) llama_n_ctx_seq(ctx_.get());
+    info_.embeddings = emb_ != nullptr;
+    info_.pooling    = emb_ ? emb_->pooling() : 0;
+    info_.n_embd_tokens_max = emb_ ? emb_->n_tokens_max() : 0;
 
-    info_.path          = params_.model_path;
-    char desc[256];
-    info_.description   = llama_model_desc(model_.get(), desc, sizeof(desc)) > 0 ? desc : "";
-    info_.architecture  = meta_str(model_.get(), "general.architecture");
-    info_.n_params      = llama_model_n_params(model_.get());
-    info_.size_bytes    = llama_model_size(model_.get());
-    info_.n_vocab       = llama_vocab_n_tokens(vocab_);
-    info_.n_ctx_train   = llama_model_n_ctx_train(model_.get());
-    info_.n_embd        = llama_model_n_embd(model_.get());
-    info_.n_ctx         = (int32_t) llama_n_ctx(ctx_.get());
-    info_.n_ctx_slot    = (int32_t) llama_n_ctx_seq(ctx_.get());
-    info_.n_swa         = llama_model_n_swa(model_.get());
-    info_.chat_template = common_chat_templates_source(tmpls_.get());
-    info_.fim_pre       = llama_vocab_fim_pre(vocab_);
-    info_.fim_suf       = llama_vocab_fim_suf(vocab_);
-    info_.fim_mid       = llama_vocab_fim_mid(vocab_);
-    info_.bos           = llama_vocab_bos(vocab_);
-    info_.eos           = llama_vocab_eos(vocab_);
-    info_.add_bos       = llama_vocab_get_add_bos(vocab_);
-    info_.pooling       = params_.embeddings ? (int32_t) ::llama_pooling_type(ctx_.get()) : 0;
-
+    workers_ = std::make_unique<worker_pool>(PREPARE_THREADS, PREPARE_NICE);
     batch_ = llama_batch_init(params_.n_batch + params_.n_parallel, 0, 1);
-
     for (int32_t i = 0; i < params_.n_parallel; ++i) {
         auto s = std::make_unique<slot>();
         s->id = i;
@@ -254,17 +175,17 @@ engine::engine(const engine_params & params) : params_(params) {
 
 engine::~engine() {
     stop();
+    workers_.reset();
     llama_batch_free(batch_);
     slots_.clear();
     pending_.clear();
-    tmpls_.reset();
+    pending_emb_.clear();
+    inbox_.clear();
+    emb_.reset();
     ctx_.reset();
     model_.reset();
     if (pipe_rd_ >= 0) close(pipe_rd_);
     if (pipe_wr_ >= 0) close(pipe_wr_);
-    llama_log_set([](ggml_log_level level, const char * text, void *) {
-        if (level >= GGML_LOG_LEVEL_ERROR) std::fputs(text, stderr);
-    }, nullptr);
 }
 
 void engine::start() {
@@ -283,112 +204,70 @@ void engine::stop() {
     if (thread_.joinable()) thread_.join();
 }
 
-std::unique_ptr<task> engine::make_task(request && req) const {
-    const int32_t n_vocab = info_.n_vocab;
-    if (req.prompt.empty()) throw invalid_request("the prompt is empty");
-    for (llama_token t : req.prompt) {
-        if (t < 0 || t >= n_vocab) {
-            throw invalid_request("token id " + std::to_string(t) + " is out of range [0, " + std::to_string(n_vocab) + ")");
-        }
-    }
-    if ((int32_t) req.prompt.size() >= info_.n_ctx_slot) {
-        throw invalid_request("prompt has " + std::to_string(req.prompt.size()) + " tokens, context per slot is " +
-                              std::to_string(info_.n_ctx_slot));
-    }
+// ---- any thread ----
 
-    auto t = std::make_unique<task>();
+prepared engine::prepare(request && req, const std::vector<uint64_t> & ids) const {
+    if (ids.empty()) throw invalid_request("no request ids");
+    const char * what = req.kind == REQUEST_KIND_EMBEDDING ? "input" : "prompt";
+    if (!req.text.empty()) {
+        if (!req.prompt.empty()) throw invalid_request("give the prompt as text or as tokens, not both", what);
+        req.prompt = model_->tokenize(req.text, req.add_special, req.parse_special);
+        req.text.clear();
+        req.text.shrink_to_fit();
+    } else {
+        model_->check_tokens(req.prompt, what);
+    }
+    if (req.prompt.empty()) throw invalid_request(std::string("the ") + what + " is empty", what);
+
+    prepared out;
+    out.n_prompt = (int32_t) req.prompt.size();
     if (req.kind == REQUEST_KIND_EMBEDDING) {
-        if (!params_.embeddings) throw invalid_request("this server was started without embeddings (--embeddings)");
-        const int32_t n_ubatch = std::min(params_.n_ubatch, params_.n_batch);
-        if ((int32_t) req.prompt.size() > n_ubatch) {
-            throw invalid_request("input has " + std::to_string(req.prompt.size()) +
-                                  " tokens, more than the physical batch size (--ubatch-size) of " + std::to_string(n_ubatch));
+        if (!emb_) throw invalid_request("this server was started without embeddings (--embeddings)");
+        if (out.n_prompt > emb_->n_tokens_max()) {
+            throw invalid_request("input has " + std::to_string(out.n_prompt) +
+                                  " tokens, more than the physical batch size (--ubatch-size) of " +
+                                  std::to_string(emb_->n_tokens_max()), "input");
         }
-        t->req = std::move(req);
-        return t;
+        for (uint64_t id : ids) {
+            auto t = std::make_unique<task>();
+            t->req = req;
+            t->req.id_req = id;
+            out.tasks.push_back(std::move(t));
+        }
+        return out;
     }
+    if (out.n_prompt >= info_.n_ctx_slot) throw context_length_error(out.n_prompt, info_.n_ctx_slot);
 
-    const auto & sp = req.sampling;
-    if (sp.n_probs < 0 || sp.n_probs > 100) throw invalid_request("n_probs must be between 0 and 100");
-    if (req.stop.size() > 16) throw invalid_request("at most 16 stop strings are allowed");
-    for (const auto & s : req.stop) {
-        if (s.size() > 1024) throw invalid_request("a stop string is longer than 1024 bytes");
+    // One seed per choice: the request's, else the server's, else random for each choice.
+    const int64_t base = req.sampling.seed >= 0 ? req.sampling.seed : params_.seed;
+    for (size_t j = 0; j < ids.size(); ++j) {
+        const uint32_t seed = base >= 0 ? (uint32_t) (((uint64_t) base + j) & 0xFFFFFFFFu) : LLAMA_DEFAULT_SEED;
+        auto t = std::make_unique<task>();
+        t->smpl = make_sampler(*model_, req.sampling, seed, info_.n_ctx_slot);
+        t->stops = stop_matcher(req.stop);
+        t->req = j + 1 == ids.size() ? std::move(req) : req;
+        t->req.id_req = ids[j];
+        out.tasks.push_back(std::move(t));
     }
-    common_params_sampling cp;
-    const uint64_t seed = sp.seed >= 0 ? (uint64_t) sp.seed : params_.seed >= 0 ? (uint64_t) params_.seed : LLAMA_DEFAULT_SEED;
-    cp.seed            = (uint32_t) (seed & 0xFFFFFFFFu);
-    cp.temp            = sp.temperature;
-    cp.top_k           = sp.temperature <= 0.0f ? 1 : sp.top_k;
-    cp.top_p           = sp.top_p;
-    cp.min_p           = sp.min_p;
-    cp.typ_p           = sp.typical_p;
-    cp.penalty_repeat  = sp.repeat_penalty;
-    cp.penalty_last_n  = sp.repeat_last_n < 0 ? info_.n_ctx_slot : std::min(sp.repeat_last_n, info_.n_ctx_slot);
-    cp.penalty_present = sp.presence_penalty;
-    cp.penalty_freq    = sp.frequency_penalty;
-    cp.no_perf         = true;
-    for (const auto & [tok, bias] : sp.logit_bias) {
-        if (tok < 0 || tok >= n_vocab) throw invalid_request("logit_bias names token " + std::to_string(tok) + ", not in the vocabulary");
-        cp.logit_bias.push_back({tok, bias});
-    }
-    // A grammar ends generation when complete (it then allows only end-of-generation tokens),
-    // so ignore_eos applies only without one.
-    const bool has_grammar = !sp.grammar.empty() || !sp.json_schema.empty();
-    t->ignore_eos = sp.ignore_eos && !has_grammar;
-    cp.ignore_eos = t->ignore_eos;
-    if (t->ignore_eos) {
-        for (const auto & [tok, bias] : eog_bias_) cp.logit_bias.push_back({tok, bias});
-    }
-    if (!sp.grammar.empty() && !sp.json_schema.empty()) throw invalid_request("give either a grammar or a JSON schema, not both");
-    if (!sp.json_schema.empty()) {
-        std::string grammar;
-        try {
-            run_with_stack(SCHEMA_STACK_BYTES, [&] {
-                const common_json schema = common_json::parse(sp.json_schema);
-                check_schema(schema);
-                grammar = json_schema_to_grammar(schema);
-            });
-        } catch (const invalid_request &) {
-            throw;
-        } catch (const std::exception & e) {
-            throw invalid_request(std::string("invalid JSON schema: ") + e.what());
-        }
-        check_grammar_limits(grammar);
-        cp.grammar = common_grammar(COMMON_GRAMMAR_TYPE_USER, grammar);
-    } else if (!sp.grammar.empty()) {
-        check_grammar_limits(sp.grammar);
-        cp.grammar = common_grammar(COMMON_GRAMMAR_TYPE_USER, sp.grammar);
-    }
-    try {
-        t->smpl.reset(common_sampler_init(model_.get(), cp));
-    } catch (const std::exception & e) {  // a grammar that does not parse, a penalty out of range
-        throw invalid_request(std::string(has_grammar ? "invalid grammar or sampling parameters: "
-                                                      : "invalid sampling parameters: ") + e.what());
-    }
-    if (!t->smpl) throw invalid_request(cp.grammar.empty() ? "cannot set up sampling" : "invalid grammar");
-    // Greedy with nothing that reshapes the logits is an argmax: skip the sampler chain, which
-    // would copy and sort the whole (262k for Gemma) vocabulary for every token.
-    const bool untouched = cp.grammar.empty() && sp.logit_bias.empty() && !has_suppress_ && !t->ignore_eos &&
-                           sp.repeat_penalty == 1.0f && sp.presence_penalty == 0.0f && sp.frequency_penalty == 0.0f;
-    t->plain_greedy = sp.temperature <= 0.0f && untouched;
-    // Sampling whose first effective filter is top-k can run the chain on the top-k tokens
-    // alone: the same tokens, in the same order, and the same random draws.
-    t->top_k_first = sp.temperature > 0.0f && untouched && cp.top_k > 0 && cp.top_k < n_vocab;
-    t->stops = stop_matcher(req.stop);
-    t->req = std::move(req);
-    return t;
+    return out;
 }
 
-void engine::submit(request && req) {
-    auto t = make_task(std::move(req));
+void engine::submit(prepared && p) {
+    int32_t n_gen = 0, n_emb = 0;
+    for (const auto & t : p.tasks) (t->req.kind == REQUEST_KIND_EMBEDDING ? n_emb : n_gen)++;
     std::lock_guard<std::mutex> lk(mtx_in_);
     if (stopping_) throw engine_stopped("the engine is stopped");
-    if (n_unassigned_ - n_idle_ >= params_.n_queue_max) {
+    if (n_gen > 0 && std::max(0, n_unassigned_ + n_gen - n_idle_) > params_.n_queue_max) {
         throw queue_full("all " + std::to_string(params_.n_parallel) + " slots are busy and " +
                          std::to_string(params_.n_queue_max) + " requests are waiting");
     }
-    inbox_.push_back(std::move(t));
-    n_unassigned_++;
+    if (n_emb > 0 && n_emb_waiting_ + n_emb > params_.n_parallel + params_.n_queue_max) {
+        throw queue_full(std::to_string(n_emb_waiting_) + " embedding inputs are waiting");
+    }
+    for (auto & t : p.tasks) inbox_.push_back(std::move(t));
+    p.tasks.clear();
+    n_unassigned_ += n_gen;
+    n_emb_waiting_ += n_emb;
     cv_in_.notify_one();
 }
 
@@ -414,47 +293,15 @@ engine_stats engine::stats() const {
 }
 
 std::vector<llama_token> engine::tokenize(const std::string & text, bool add_special, bool parse_special) const {
-    return common_tokenize(vocab_, text, add_special, parse_special);
+    return model_->tokenize(text, add_special, parse_special);
 }
 
-std::string engine::detokenize(const std::vector<llama_token> & tokens) const {
-    for (llama_token t : tokens) {
-        if (t < 0 || t >= info_.n_vocab) throw invalid_request("token id " + std::to_string(t) + " is out of range");
-    }
-    return utf8_sanitize(common_detokenize(vocab_, tokens, false));
-}
+std::string engine::detokenize(const std::vector<llama_token> & tokens) const { return model_->detokenize(tokens); }
 
-std::string engine::token_piece(llama_token token) const {
-    if (token < 0 || token >= info_.n_vocab) throw invalid_request("token id " + std::to_string(token) + " is out of range");
-    return common_token_to_piece(vocab_, token, true);
-}
+std::string engine::token_piece(llama_token token) const { return model_->token_piece(token); }
 
 std::string engine::apply_chat_template(const std::string & messages_json, bool add_generation_prompt) const {
-    common_chat_templates_inputs inputs;
-    try {
-        const common_json messages = common_json::parse(messages_json);
-        check_tool_call_arguments(messages);
-        inputs.messages = common_chat_msgs_parse_oaicompat(messages);
-    } catch (const invalid_request &) {
-        throw;
-    } catch (const std::exception & e) {
-        throw invalid_request(std::string("invalid messages: ") + e.what());
-    }
-    inputs.add_generation_prompt = add_generation_prompt;
-    inputs.use_jinja = true;
-    std::string prompt;
-    try {
-        std::lock_guard<std::mutex> lk(mtx_tmpl_);
-        prompt = common_chat_templates_apply(tmpls_.get(), inputs).prompt;
-    } catch (const std::exception & e) {
-        throw invalid_request(std::string("the chat template failed on these messages: ") + e.what());
-    }
-    // The template writes BOS itself; tokenizing with add_special adds it again, so drop it here.
-    if (info_.add_bos && info_.bos != LLAMA_TOKEN_NULL) {
-        const std::string bos = common_token_to_piece(vocab_, info_.bos, true);
-        if (!bos.empty() && prompt.compare(0, bos.size(), bos) == 0) prompt.erase(0, bos.size());
-    }
-    return prompt;
+    return model_->apply_chat_template(messages_json, add_generation_prompt);
 }
 
 // ---- decode thread ----
@@ -465,7 +312,7 @@ void engine::loop() {
         std::vector<uint64_t> cancels;
         {
             std::unique_lock<std::mutex> lk(mtx_in_);
-            const bool busy = !pending_.empty() ||
+            const bool busy = !pending_.empty() || !pending_emb_.empty() ||
                               std::any_of(slots_.begin(), slots_.end(), [](const auto & s) { return !s->is_idle(); });
             if (!busy) cv_in_.wait(lk, [&] { return stopping_ || !inbox_.empty() || !cancels_.empty(); });
             if (stopping_) break;
@@ -480,12 +327,8 @@ void engine::loop() {
         } catch (const std::exception & e) {
             // Last resort: whatever threw fails the requests in the slots, never the loop.
             std::fprintf(stderr, "llamabox: engine step failed: %s\n", e.what());
-            llama_memory_t mem = llama_get_memory(ctx_.get());
             for (auto & s : slots_) {
-                if (s->is_idle()) continue;
-                llama_memory_seq_rm(mem, s->id, -1, -1);
-                s->cache.clear();
-                finish(*s, FINISH_REASON_ERROR, std::string("engine step failed: ") + e.what());
+                if (!s->is_idle()) fail_slot(*s, std::string("engine step failed: ") + e.what());
             }
         }
         publish_stats();  // before the events, so whoever sees a final event sees its slot idle
@@ -499,11 +342,13 @@ void engine::loop() {
         rest.swap(inbox_);
     }
     for (auto & t : rest) pending_.push_back(std::move(t));
+    for (auto & t : pending_emb_) pending_.push_back(std::move(t));
+    pending_emb_.clear();
     for (auto & t : pending_) {
         event ev;
         ev.id_req = t->req.id_req;
         ev.finish = FINISH_REASON_CANCELLED;
-        emit(std::move(ev));
+        out_.push_back(std::move(ev));
     }
     pending_.clear();
     for (auto & s : slots_) {
@@ -516,31 +361,46 @@ void engine::loop() {
 void engine::intake(std::vector<std::unique_ptr<task>> & incoming, std::vector<uint64_t> & cancels) {
     for (auto & t : incoming) {
         t->t_arrival = ++clock_;
-        pending_.push_back(std::move(t));
+        (t->req.kind == REQUEST_KIND_EMBEDDING ? pending_emb_ : pending_).push_back(std::move(t));
     }
     if (!incoming.empty()) {
         std::lock_guard<std::mutex> lk(mtx_stats_);
         stats_.n_requests_total += (int64_t) incoming.size();
     }
     if (cancels.empty()) return;
-    std::unordered_set<uint64_t> ids(cancels.begin(), cancels.end());
-    for (auto it = pending_.begin(); it != pending_.end();) {
-        if (ids.count((*it)->req.id_req)) {
+    const std::unordered_set<uint64_t> ids(cancels.begin(), cancels.end());
+    for (auto * queue : {&pending_, &pending_emb_}) {
+        for (auto it = queue->begin(); it != queue->end();) {
+            if (!ids.count((*it)->req.id_req)) {
+                ++it;
+                continue;
+            }
             event ev;
             ev.id_req = (*it)->req.id_req;
             ev.finish = FINISH_REASON_CANCELLED;
             ev.n_prompt = (int32_t) (*it)->req.prompt.size();
-            emit(std::move(ev));
-            it = pending_.erase(it);
+            out_.push_back(std::move(ev));
+            it = queue->erase(it);
             std::lock_guard<std::mutex> lk(mtx_in_);
-            n_unassigned_--;
-        } else {
-            ++it;
+            (queue == &pending_ ? n_unassigned_ : n_emb_waiting_)--;
         }
     }
     for (auto & s : slots_) {
         if (!s->is_idle() && ids.count(s->t->req.id_req)) finish(*s, FINISH_REASON_CANCELLED);
     }
+}
+
+bool engine::forget_from(slot & s, llama_pos from) {
+    llama_memory_t mem = llama_get_memory(ctx_.get());
+    if (llama_memory_seq_rm(mem, s.id, from, -1)) {
+        if ((size_t) from < s.cache.size()) s.cache.resize((size_t) std::max<llama_pos>(from, 0));
+        return true;
+    }
+    // The memory cannot drop just the tail (a recurrent or sliding-window cache that lost the
+    // positions): drop the whole sequence, so the bookkeeping never claims KV that is not there.
+    llama_memory_seq_rm(mem, s.id, -1, -1);
+    s.cache.clear();
+    return false;
 }
 
 void engine::assign_slots() {
@@ -552,25 +412,19 @@ void engine::assign_slots() {
         }
         if (idle.empty()) break;
         auto & t = pending_.front();
-        const bool reuse = t->req.cache_prompt && t->req.kind == REQUEST_KIND_COMPLETION;
+        const bool reuse = t->req.cache_prompt;
         const int32_t id = choose_slot(idle, reuse ? t->req.prompt : std::vector<llama_token>{});
         slot & s = *slots_[id];
 
-        // Keep the shared prefix, but always evaluate at least the last prompt token: its logits
-        // give the first sampled token.
-        size_t n_keep = reuse ? common_prefix(s.cache, t->req.prompt) : 0;
-        if (n_keep >= t->req.prompt.size()) n_keep = t->req.prompt.size() - 1;
+        // Keep the shared prefix, up to the prompt's last token (decoded on its own, see task).
+        size_t n_keep = reuse ? std::min(common_prefix(s.cache, t->req.prompt), t->n_prefill()) : 0;
         // On sliding-window layers the positions before the window may be gone: reuse only if
         // everything the next token attends to is still there.
         if (n_keep > 0 && info_.n_swa > 0) {
             const llama_pos pos_min = llama_memory_seq_pos_min(mem, s.id);
             if (pos_min > std::max<llama_pos>(0, (llama_pos) n_keep - info_.n_swa)) n_keep = 0;
         }
-        if (!llama_memory_seq_rm(mem, s.id, (llama_pos) n_keep, -1)) {
-            llama_memory_seq_rm(mem, s.id, -1, -1);
-            n_keep = 0;
-        }
-        s.cache.resize(n_keep);
+        if (!forget_from(s, (llama_pos) n_keep)) n_keep = 0;
         t->n_cached = (int32_t) n_keep;
         {
             std::lock_guard<std::mutex> lk(mtx_in_);
@@ -581,261 +435,207 @@ void engine::assign_slots() {
         s.t = std::move(t);
         pending_.pop_front();
         s.t->ev.id_req = s.t->req.id_req;
+        if (n_keep == s.t->n_prefill()) prefill_done(s);
     }
 }
-
-namespace {
-
-void batch_clear(llama_batch & b) { b.n_tokens = 0; }
-
-void batch_add(llama_batch & b, llama_token tok, llama_pos pos, llama_seq_id seq, bool logits) {
-    const int32_t i = b.n_tokens++;
-    b.token[i]     = tok;
-    b.pos[i]       = pos;
-    b.n_seq_id[i]  = 1;
-    b.seq_id[i][0] = seq;
-    b.logits[i]    = logits;
-}
-
-void normalize(float * v, int32_t n) {
-    double sum = 0.0;
-    for (int32_t i = 0; i < n; ++i) sum += (double) v[i] * v[i];
-    const float inv = sum > 0.0 ? (float) (1.0 / std::sqrt(sum)) : 0.0f;
-    for (int32_t i = 0; i < n; ++i) v[i] *= inv;
-}
-
-}  // namespace
 
 void engine::run_embeddings() {
-    // Embedding inputs go through their own decode with embeddings switched on; each is small
-    // enough (checked at submit) to sit in one physical batch.
-    std::vector<slot *> todo;
+    // One batch of waiting inputs, as many as fit, in the embedding context.
+    if (pending_emb_.empty()) return;
+    std::vector<std::unique_ptr<task>> todo;
+    std::vector<const std::vector<llama_token> *> inputs;
     int32_t n_tokens = 0;
-    const int32_t n_ubatch = std::min(params_.n_ubatch, params_.n_batch);
-    for (auto & s : slots_) {
-        if (!s->is_embedding()) continue;
-        const int32_t n = (int32_t) s->t->req.prompt.size();
-        if (n_tokens + n > n_ubatch && !todo.empty()) break;
-        todo.push_back(s.get());
+    while (!pending_emb_.empty() && (int32_t) todo.size() < emb_->n_seq_max()) {
+        const int32_t n = (int32_t) pending_emb_.front()->req.prompt.size();
+        if (!todo.empty() && n_tokens + n > emb_->n_tokens_max()) break;
         n_tokens += n;
+        todo.push_back(std::move(pending_emb_.front()));
+        pending_emb_.pop_front();
+        inputs.push_back(&todo.back()->req.prompt);
     }
-    if (todo.empty()) return;
-
-    llama_memory_t mem = llama_get_memory(ctx_.get());
-    const bool pooled = info_.pooling != LLAMA_POOLING_TYPE_NONE;
-    batch_clear(batch_);
-    for (slot * s : todo) {
-        llama_memory_seq_rm(mem, s->id, -1, -1);
-        s->cache.clear();
-        s->i_out = batch_.n_tokens;
-        const auto & p = s->t->req.prompt;
-        for (size_t i = 0; i < p.size(); ++i) batch_add(batch_, p[i], (llama_pos) i, s->id, true);
+    {
+        std::lock_guard<std::mutex> lk(mtx_in_);
+        n_emb_waiting_ -= (int32_t) todo.size();
     }
-    llama_set_embeddings(ctx_.get(), true);
     const int64_t t0 = now_us();
-    const int32_t ret = llama_decode(ctx_.get(), batch_);
-    llama_set_embeddings(ctx_.get(), false);
+    auto results = emb_->run(inputs);
+    const double ms = (now_us() - t0) / 1000.0;
     {
         std::lock_guard<std::mutex> lk(mtx_stats_);
         stats_.n_decode_total++;
+        stats_.n_prompt_tokens_total += n_tokens;
+        stats_.t_prompt_ms_total += ms;
     }
-    const int32_t n_embd = llama_model_n_embd_out(model_.get());
-    for (slot * s : todo) {
-        const int32_t n = (int32_t) s->t->req.prompt.size();
-        if (ret != 0) {
-            finish(*s, FINISH_REASON_ERROR, "llama_decode failed with code " + std::to_string(ret));
+    for (size_t i = 0; i < todo.size(); ++i) {
+        event ev;
+        ev.id_req = todo[i]->req.id_req;
+        ev.n_prompt = (int32_t) todo[i]->req.prompt.size();
+        ev.t_prompt_ms = ms;
+        if (results[i].error.empty()) {
+            ev.finish = FINISH_REASON_STOP;
+            ev.embedding = std::move(results[i].embedding);
+            ev.n_rows = results[i].n_rows;
         } else {
-            event & ev = s->t->ev;
-            if (pooled) {
-                const float * e = llama_get_embeddings_seq(ctx_.get(), s->id);
-                if (!e) {
-                    finish(*s, FINISH_REASON_ERROR, "no pooled embedding for this input");
-                    llama_memory_seq_rm(mem, s->id, -1, -1);
-                    continue;
-                }
-                ev.embedding.assign(e, e + n_embd);
-                ev.n_rows = 1;
-            } else {
-                ev.embedding.resize((size_t) n * n_embd);
-                for (int32_t i = 0; i < n; ++i) {
-                    const float * e = llama_get_embeddings_ith(ctx_.get(), s->i_out + i);
-                    if (e) std::copy(e, e + n_embd, ev.embedding.begin() + (size_t) i * n_embd);
-                }
-                ev.n_rows = n;
-            }
-            for (int32_t r = 0; r < ev.n_rows; ++r) normalize(ev.embedding.data() + (size_t) r * n_embd, n_embd);
-            s->t->t_first_us = now_us();
-            ev.t_prompt_ms = (s->t->t_first_us - t0) / 1000.0;
-            finish(*s, FINISH_REASON_STOP);
+            ev.finish = FINISH_REASON_ERROR;
+            ev.error = results[i].error;
         }
-        llama_memory_seq_rm(mem, s->id, -1, -1);
-        s->cache.clear();
+        out_.push_back(std::move(ev));
     }
 }
 
-engine::decode_result engine::decode_step(int32_t n_budget) {
+engine::decode_result engine::decode_step(int32_t n_prefill_max) {
     // Builds the step's batch from the plan and decodes it. If llama_decode fails, the KV memory
     // of every slot in the batch is rolled back to its committed tokens.
     std::vector<slot_view> views;
+    int32_t n_gen = 0;
     for (const auto & s : slots_) {
         s->n_step = 0;
         s->i_out = -1;
-        if (s->is_idle() || s->is_embedding()) continue;
+        if (s->is_idle()) continue;
         slot_view v;
         v.id_slot = s->id;
         v.generating = s->t->generating;
-        v.n_prompt_left = (int32_t) (s->t->req.prompt.size() - s->cache.size());
+        v.n_prompt_left = (int32_t) (s->t->n_prefill() - s->cache.size());
         v.t_arrival = s->t->t_arrival;
+        n_gen += v.generating ? 1 : 0;
         views.push_back(v);
     }
-    const auto plan = plan_step(views, n_budget, std::min(params_.n_ubatch, n_budget));
+    const int32_t n_prefill_busy = std::min({params_.n_ubatch, params_.n_batch, n_prefill_max});
+    const auto plan = plan_step(views, std::min(params_.n_batch, n_gen + n_prefill_max), n_prefill_busy);
 
     decode_result res;
-    batch_clear(batch_);
+    batch_.n_tokens = 0;
     for (const auto & e : plan) {
         slot & s = *slots_[e.id_slot];
         task & t = *s.t;
         s.n_step = e.n_tokens;
         if (t.generating) {
-            res.n_gen += e.n_tokens;
             s.i_out = batch_.n_tokens;
             batch_add(batch_, t.next_token, (llama_pos) s.cache.size(), s.id, true);
         } else {
+            res.n_prefill += e.n_tokens;
             const size_t from = s.cache.size();
-            const size_t to = from + (size_t) e.n_tokens;
-            for (size_t i = from; i < to; ++i) {
-                const bool last = i + 1 == t.req.prompt.size();
-                if (last) s.i_out = batch_.n_tokens;
-                batch_add(batch_, t.req.prompt[i], (llama_pos) i, s.id, last);
+            for (size_t i = from; i < from + (size_t) e.n_tokens; ++i) {
+                batch_add(batch_, t.req.prompt[i], (llama_pos) i, s.id, false);
             }
         }
     }
     res.n_tokens = batch_.n_tokens;
     if (batch_.n_tokens == 0) return res;
 
-    const int32_t ret = llama_decode(ctx_.get(), batch_);
+    res.ret = llama_decode(ctx_.get(), batch_);
     {
         std::lock_guard<std::mutex> lk(mtx_stats_);
         stats_.n_decode_total++;
+        stats_.n_decode_failed_total += res.ret != 0 ? 1 : 0;
     }
-    if (ret == 0) return res;
+    if (res.ret == 0) return res;
     res.ok = false;
-
-    llama_memory_t mem = llama_get_memory(ctx_.get());
+    std::fprintf(stderr, "llamabox: llama_decode failed (%d) on a batch of %d tokens (%d of prompts)\n", res.ret,
+                 batch_.n_tokens, res.n_prefill);
     for (const auto & e : plan) {
         slot & s = *slots_[e.id_slot];
-        llama_memory_seq_rm(mem, s.id, (llama_pos) s.cache.size(), -1);
+        if (!forget_from(s, (llama_pos) s.cache.size())) fail_slot(s, "the KV cache could not be rolled back");
     }
-    std::fprintf(stderr, "llamabox: llama_decode failed (%d) on a batch of %d tokens\n", ret, batch_.n_tokens);
     return res;
 }
 
 void engine::run_generation() {
-    const bool any = std::any_of(slots_.begin(), slots_.end(),
-                                 [](const auto & s) { return !s->is_idle() && !s->is_embedding(); });
-    if (!any) return;
+    if (std::all_of(slots_.begin(), slots_.end(), [](const auto & s) { return s->is_idle(); })) return;
 
-    // A failed decode is retried with less prefill in the batch; once no prefill is left to
-    // shed, only the requests in the batch fail.
+    // A decode that finds no room in the KV cache (a shared one is full) is retried after
+    // making room at the least cost: idle slots' cached prefixes first, least recently used
+    // first; then with less prefill in the batch, down to none, so the generating slots keep
+    // going whatever a prompt does (a prompt that cannot be decoded even one token at a time
+    // fails); then by ending the fewest requests: prompts not yet generating first (they fail),
+    // then the youngest generating request (it ends with "length", its text so far intact).
     decode_result res = decode_step(params_.n_batch);
-    while (!res.ok && res.n_tokens > res.n_gen + 1) {
-        res = decode_step(std::max(res.n_gen + 1, res.n_tokens / 2));
+    while (!res.ok && res.ret == 1 && evict_idle_cache()) res = decode_step(params_.n_batch);
+
+    std::vector<int32_t> blocked;  // slots whose prefill was in a failed batch
+    int32_t n_prefill_max = res.n_prefill;
+    while (!res.ok && n_prefill_max > 0) {
+        for (const auto & s : slots_) {
+            if (s->n_step > 0 && !s->is_idle() && !s->t->generating) blocked.push_back(s->id);
+        }
+        n_prefill_max /= 2;
+        res = decode_step(n_prefill_max);
+    }
+    while (!res.ok && res.ret == 1) {
+        slot * victim = nullptr;
+        const auto rank = [](const slot & v) { return v.t->generating ? 1 : 0; };
+        for (auto & s : slots_) {
+            if (s->is_idle() || (s->t->generating ? s->n_step == 0 : s->cache.empty())) continue;
+            if (victim == nullptr || rank(*s) < rank(*victim) ||
+                (rank(*s) == rank(*victim) && s->t->t_arrival > victim->t->t_arrival)) {
+                victim = s.get();
+            }
+        }
+        if (victim == nullptr) break;
+        if (victim->t->generating) {
+            forget_from(*victim, 0);
+            finish(*victim, FINISH_REASON_LENGTH);
+        } else {
+            fail_slot(*victim, decode_error(1));
+        }
+        res = decode_step(0);
     }
     if (!res.ok) {
-        llama_memory_t mem = llama_get_memory(ctx_.get());
+        const std::string why = decode_error(res.ret);
         for (auto & s : slots_) {
-            if (s->n_step == 0) continue;
-            llama_memory_seq_rm(mem, s->id, -1, -1);
-            s->cache.clear();
-            finish(*s, FINISH_REASON_ERROR, "llama_decode failed for this request");
+            if (s->n_step > 0 && !s->is_idle()) fail_slot(*s, why);
         }
         return;
     }
-
+    if (n_prefill_max == 0 && res.n_prefill == 0) {
+        // Prefill was shed to nothing before a batch went through: those prompts found no room.
+        for (int32_t id : blocked) {
+            slot & s = *slots_[id];
+            if (!s.is_idle() && s.n_step == 0 && !s.t->generating) fail_slot(s, decode_error(1));
+        }
+    }
     for (auto & s : slots_) {
         if (s->n_step > 0 && !s->is_idle()) commit_slot(*s, s->n_step);
     }
+}
+
+bool engine::evict_idle_cache() {
+    slot * lru = nullptr;
+    for (auto & s : slots_) {
+        if (s->is_idle() && !s->cache.empty() && (lru == nullptr || s->t_last_used < lru->t_last_used)) lru = s.get();
+    }
+    if (lru == nullptr) return false;
+    forget_from(*lru, 0);
+    return true;
 }
 
 void engine::commit_slot(slot & s, int32_t n_added) {
     task & t = *s.t;
     if (t.generating) {
         s.cache.push_back(t.next_token);
-    } else {
-        const size_t from = s.cache.size();
-        s.cache.insert(s.cache.end(), t.req.prompt.begin() + from, t.req.prompt.begin() + from + n_added);
-        if (s.cache.size() < t.req.prompt.size()) return;  // more prompt to go
-        t.generating = true;
+        sample_and_emit(s);
+        return;
     }
-    sample_and_emit(s);
+    const size_t from = s.cache.size();
+    s.cache.insert(s.cache.end(), t.req.prompt.begin() + from, t.req.prompt.begin() + from + n_added);
+    if (s.cache.size() == t.n_prefill()) prefill_done(s);
 }
 
-llama_token engine::sample_top_k_first(task & t, const float * logits) {
-    // The k best logits by a min-heap in one pass, then the request's own chain over them.
-    const int32_t k = t.req.sampling.top_k;
-    auto & cand = t.candidates;
-    cand.clear();
-    const auto worse = [](const llama_token_data & a, const llama_token_data & b) { return a.logit > b.logit; };
-    for (int32_t i = 0; i < info_.n_vocab; ++i) {
-        if ((int32_t) cand.size() < k) {
-            cand.push_back({i, logits[i], 0.0f});
-            std::push_heap(cand.begin(), cand.end(), worse);
-        } else if (logits[i] > cand.front().logit) {
-            std::pop_heap(cand.begin(), cand.end(), worse);
-            cand.back() = {i, logits[i], 0.0f};
-            std::push_heap(cand.begin(), cand.end(), worse);
-        }
+void engine::prefill_done(slot & s) {
+    task & t = *s.t;
+    if (t.req.n_predict == 0) {  // nothing to generate: the prompt is cached, as llama.cpp does
+        finish(s, FINISH_REASON_LENGTH);
+        return;
     }
-    std::sort_heap(cand.begin(), cand.end(), worse);  // descending logits
-    llama_token_data_array arr = {cand.data(), cand.size(), -1, true};
-    llama_sampler_apply(common_sampler_get(t.smpl.get()), &arr);
-    return arr.data[arr.selected].id;
-}
-
-llama_token engine::sample(task & t, int32_t i_out) {
-    const float * logits = llama_get_logits_ith(ctx_.get(), i_out);
-    if (!logits) throw std::runtime_error("no logits for output " + std::to_string(i_out));
-    if (t.plain_greedy) {
-        llama_token tok = 0;
-        float best = -INFINITY;
-        for (int32_t i = 0; i < info_.n_vocab; ++i) {
-            if (logits[i] > best) {
-                best = logits[i];
-                tok = i;
-            }
-        }
-        return tok;
-    }
-    if (t.top_k_first) {  // nothing bans a token on this path
-        const llama_token tok = sample_top_k_first(t, logits);
-        common_sampler_accept(t.smpl.get(), tok, true);
-        return tok;
-    }
-    const llama_token tok = common_sampler_sample(t.smpl.get(), ctx_.get(), i_out);
-    // Every token banned (-inf) means whatever was drawn is one of them: the grammar allows none
-    // that logit_bias (and ignore_eos) leave, or refers to tokens outside the vocabulary.
-    const bool has_grammar = !t.req.sampling.grammar.empty() || !t.req.sampling.json_schema.empty();
-    const char * why = has_grammar ? "the grammar allows no token here (those it allows are banned by logit_bias, "
-                                     "or outside the vocabulary)"
-                                   : "logit_bias (with ignore_eos) bans every token";
-    const llama_token_data_array * cur = common_sampler_get_candidates(t.smpl.get(), false);
-    if (cur->selected < 0 || (size_t) cur->selected >= cur->size || cur->data[cur->selected].logit == -INFINITY) {
-        throw constraint_error(std::string("no token can be sampled: ") + why);
-    }
-    try {
-        common_sampler_accept(t.smpl.get(), tok, true);  // throws if the token breaks the grammar
-    } catch (const std::exception & e) {
-        if (!has_grammar) throw;
-        throw constraint_error(std::string("no token can be sampled: ") + why + " (" + e.what() + ")");
-    }
-    return tok;
+    t.generating = true;
+    t.next_token = t.req.prompt.back();
 }
 
 void engine::sample_and_emit(slot & s) {
     task & t = *s.t;
     llama_token tok = LLAMA_TOKEN_NULL;
     try {
-        tok = sample(t, s.i_out);
+        tok = t.smpl->sample(ctx_.get(), s.i_out);
     } catch (const constraint_error & e) {
         t.ev.bad_request = true;
         finish(s, FINISH_REASON_ERROR, e.what());
@@ -848,33 +648,15 @@ void engine::sample_and_emit(slot & s) {
     t.n_decoded++;
 
     if (t.req.sampling.logprobs) {
-        const float * logits = llama_get_logits_ith(ctx_.get(), s.i_out);
-        const int32_t n_vocab = info_.n_vocab;
-        float max_l = -INFINITY;
-        for (int32_t i = 0; i < n_vocab; ++i) max_l = std::max(max_l, logits[i]);
-        double sum = 0.0;
-        for (int32_t i = 0; i < n_vocab; ++i) sum += std::exp((double) (logits[i] - max_l));
-        const float lse = max_l + (float) std::log(sum);
-        token_logprob lp;
-        lp.token = tok;
-        lp.logprob = logits[tok] - lse;
-        const int32_t n_top = std::min(t.req.sampling.n_probs, n_vocab);
-        if (n_top > 0) {
-            std::vector<llama_token> ids(n_vocab);
-            for (int32_t i = 0; i < n_vocab; ++i) ids[i] = i;
-            std::partial_sort(ids.begin(), ids.begin() + n_top, ids.end(),
-                              [&](llama_token a, llama_token b) { return logits[a] > logits[b]; });
-            for (int32_t i = 0; i < n_top; ++i) lp.top.push_back({ids[i], logits[ids[i]] - lse});
-        }
-        t.ev.logprobs.push_back(std::move(lp));
+        const float * logits = llama_get_logits_ith(ctx_.get(), s.i_out);  // checked by sample()
+        t.ev.logprobs.push_back(t.smpl->logprob(logits, tok, t.req.sampling.n_probs));
     }
-
-    if (llama_vocab_is_eog(vocab_, tok) && !t.ignore_eos) {
+    if (model_->is_eog(tok) && !t.smpl->ignore_eos()) {
         finish(s, FINISH_REASON_STOP);
         return;
     }
     t.ev.tokens.push_back(tok);
-    const auto r = t.stops.push(t.utf8.push(common_token_to_piece(vocab_, tok, false)));
+    const auto r = t.stops.push(t.utf8.push(common_token_to_piece(model_->vocab(), tok, false)));
     t.ev.text += r.text;
     if (r.stopped) {
         t.ev.stop_word = r.stop_word;
@@ -890,6 +672,12 @@ void engine::sample_and_emit(slot & s) {
         return;
     }
     t.next_token = tok;
+}
+
+void engine::fail_slot(slot & s, const std::string & error) {
+    llama_memory_seq_rm(llama_get_memory(ctx_.get()), s.id, -1, -1);  // a whole sequence always goes
+    s.cache.clear();
+    if (!s.is_idle()) finish(s, FINISH_REASON_ERROR, error);
 }
 
 void engine::finish(slot & s, finish_reason reason, const std::string & error) {
@@ -916,7 +704,7 @@ void engine::finish(slot & s, finish_reason reason, const std::string & error) {
     ev.n_cached = t.n_cached;
     ev.n_decoded = t.n_decoded;
     if (t.t_first_us > 0) {
-        ev.t_prompt_ms = ev.t_prompt_ms > 0 ? ev.t_prompt_ms : (t.t_first_us - t.t_start_us) / 1000.0;
+        ev.t_prompt_ms = (t.t_first_us - t.t_start_us) / 1000.0;
         ev.t_gen_ms = (t_end - t.t_first_us) / 1000.0;
     } else {
         ev.t_prompt_ms = (t_end - t.t_start_us) / 1000.0;
@@ -930,14 +718,12 @@ void engine::finish(slot & s, finish_reason reason, const std::string & error) {
         stats_.n_tokens_drafted_total += ev.n_drafted;
         stats_.n_tokens_drafted_accepted_total += ev.n_accepted;
     }
-    emit(std::move(ev));
+    out_.push_back(std::move(ev));
     s.t.reset();
     s.t_last_used = ++clock_;
     std::lock_guard<std::mutex> lk(mtx_in_);
     n_idle_++;
 }
-
-void engine::emit(event && ev) { out_.push_back(std::move(ev)); }
 
 void engine::flush_events() {
     // Each busy slot's output of this step becomes one event; finished ones were emitted already.
@@ -979,7 +765,7 @@ void engine::publish_stats() {
         n_cells += (int64_t) s->cache.size();
     }
     stats_.n_busy = n_busy;
-    stats_.n_queued = (int32_t) pending_.size();
+    stats_.n_queued = (int32_t) (pending_.size() + pending_emb_.size());
     stats_.kv_cells_used = n_cells;
 }
 

@@ -1,32 +1,36 @@
-// The engine: one thread owns every llama.cpp object (model, context, KV memory, samplers) and
-// runs the decode loop; requests come in and events go out through locked queues.
+// The engine: one thread owns the generation context (KV memory, samplers, the embedding
+// context) and runs the decode loop; requests come in and events go out through locked queues.
 //
 // Thread safety, per method:
-//   constructor, destructor, start(), stop()   the owning thread (Python: the event loop's)
-//   submit(), cancel(), poll_events(), stats()  any thread; never wait on a decode
+//   constructor, destructor, start(), stop()    the owning thread (Python: the event loop's)
+//   prepare()                                   any thread; the slow part (tokenize, grammar,
+//                                               sampler), touches no decode-thread state
+//   submit(), cancel(), poll_events(), stats()  any thread; O(1) per request, never wait on a decode
 //   tokenize(), detokenize(), token_piece(),
 //   apply_chat_template(), info()               any thread (read-only model state)
 #pragma once
 
-#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <memory>
 #include <mutex>
-#include <stdexcept>
 #include <string>
 #include <thread>
-#include <unordered_set>
 #include <vector>
 
 #include "errors.h"
 #include "llama-cpp.h"
+#include "log_sink.h"
 #include "request.h"
-
-struct common_chat_templates;
+#include "worker_pool.h"
 
 namespace llamabox {
+
+class embedder;
+class model;
+struct slot;
+struct task;
 
 struct engine_params {
     std::string model_path;
@@ -42,21 +46,27 @@ struct engine_params {
     std::string cache_type_v    = "f16";
     bool        use_mmap        = true;
     bool        use_mlock       = false;
-    bool        repack          = true;   // repacked CPU weight layouts (faster; batch-dependent numerics)
+    bool        repack          = true;  // repacked CPU weight layouts (faster; batch-dependent numerics)
     int64_t     seed            = -1;    // default seed of requests without one; < 0 = random
     bool        kv_unified      = false;
     bool        swa_full        = true;
     int32_t     n_queue_max     = 256;
     bool        embeddings      = false;
     int32_t     pooling         = -1;    // llama_pooling_type; -1 = the model's
-    std::string chat_template;           // Jinja source; empty = the model's or the fallback
+    std::string chat_template;           // built-in name or Jinja source; empty = the model's or a fallback
     bool        verbose         = false;
 };
 
+// Requests validated and ready to submit: prompt tokenized once, a sampler per choice.
+struct prepared {
+    prepared();
+    ~prepared();
+    prepared(prepared &&) noexcept;
+    prepared & operator=(prepared &&) noexcept;
 
-class log_sink;
-struct task;
-struct slot;
+    std::vector<std::unique_ptr<task>> tasks;
+    int32_t n_prompt = 0;  // tokens of the (shared) prompt
+};
 
 class engine {
 public:
@@ -65,16 +75,24 @@ public:
     engine(const engine &) = delete;
     engine & operator=(const engine &) = delete;
 
-    void start();                      // starts the decode thread
-    void stop();                       // cancels everything in flight and joins; idempotent
+    void start();  // starts the decode thread
+    void stop();   // cancels everything in flight and joins; idempotent
 
-    void submit(request && req);       // any thread; validates, builds the sampler; throws
-    void cancel(uint64_t id_req);      // any thread; unknown or finished ids are ignored
-    std::vector<event> poll_events();  // any thread; never waits
+    // One task per id (n > 1: choices of one prompt, choice j seeded with seed + j). Tokenizes
+    // a text prompt, checks it against the vocabulary and the slot context, builds the samplers
+    // (grammar, JSON schema). Throws invalid_request or context_length_error.
+    prepared prepare(request && req, const std::vector<uint64_t> & ids) const;
+    // Queues all of them or none (queue_full, engine_stopped).
+    void submit(prepared && p);
+    void cancel(uint64_t id_req);      // unknown or finished ids are ignored
+    std::vector<event> poll_events();  // never waits
     int  notify_fd() const { return pipe_rd_; }  // readable when poll_events() has events
 
-    engine_stats stats() const;        // any thread
+    engine_stats stats() const;
     const model_info & info() const { return info_; }
+    // Low-priority threads for the slow any-thread work above (prepare(), tokenizing a long
+    // text): worker().run([&] { return e.prepare(...); }).
+    worker_pool & workers() const { return *workers_; }
 
     std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
     std::string detokenize(const std::vector<llama_token> & tokens) const;
@@ -89,35 +107,34 @@ private:
     void run_embeddings();
     void run_generation();
     void commit_slot(slot & s, int32_t n_added);
+    void prefill_done(slot & s);  // the prompt's last token goes into the next step
     void sample_and_emit(slot & s);
-    llama_token sample(task & t, int32_t i_out);
-    llama_token sample_top_k_first(task & t, const float * logits);
     void finish(slot & s, finish_reason reason, const std::string & error = {});
-    void emit(event && ev);
+    void fail_slot(slot & s, const std::string & error);  // drops its KV too
+    bool forget_from(slot & s, llama_pos from);  // KV and cache from `from` on; false: all dropped
+    bool evict_idle_cache();  // drops the least recently used idle slot's cached prefix
     void flush_events();
     void publish_stats();
     struct decode_result {
-        bool    ok       = true;
-        int32_t n_tokens = 0;  // tokens in the batch
-        int32_t n_gen    = 0;  // of which generating slots' tokens (they cannot be deferred)
+        bool    ok        = true;
+        int32_t ret       = 0;  // llama_decode's code
+        int32_t n_tokens  = 0;  // tokens in the batch
+        int32_t n_prefill = 0;  // of which prompt tokens (they can be shed)
     };
-    decode_result decode_step(int32_t n_budget);
-    std::unique_ptr<task> make_task(request && req) const;
+    decode_result decode_step(int32_t n_prefill_max);
 
-    engine_params   params_;
-    model_info      info_;
-    std::unique_ptr<log_sink> log_;
-    llama_model_ptr   model_;
-    llama_context_ptr ctx_;
-    const llama_vocab * vocab_ = nullptr;
-    std::shared_ptr<common_chat_templates> tmpls_;
-    mutable std::mutex mtx_tmpl_;
-    std::vector<std::pair<llama_token, float>> eog_bias_;
-    bool has_suppress_ = false;  // the vocabulary bans some tokens (applied by the sampler chain)
+    engine_params        params_;
+    log_verbose_guard    log_verbose_;
+    std::unique_ptr<model> model_;
+    llama_context_ptr    ctx_;
+    std::unique_ptr<embedder> emb_;
+    model_info           info_;
+    std::unique_ptr<worker_pool> workers_;  // destroyed first: its jobs use the model
 
     // decode-thread state
     std::vector<std::unique_ptr<slot>> slots_;
-    std::deque<std::unique_ptr<task>>  pending_;
+    std::deque<std::unique_ptr<task>>  pending_;      // generation requests waiting for a slot
+    std::deque<std::unique_ptr<task>>  pending_emb_;  // embedding requests waiting for a batch
     llama_batch batch_ {};
     uint64_t    clock_ = 0;  // logical time for arrival order and LRU
     std::vector<event> out_;  // this step's events
@@ -132,10 +149,11 @@ private:
     std::vector<std::unique_ptr<task>>  inbox_;
     std::vector<uint64_t>               cancels_;
     bool                                stopping_ = false;
-    // For submit's bound on waiting requests, kept exact under mtx_in_: requests submitted but
-    // not yet in a slot, and slots without a request.
+    // For submit's bound on waiting requests, kept exact under mtx_in_: generation requests
+    // submitted but not yet in a slot, slots without a request, embedding requests not yet run.
     int32_t                             n_unassigned_ = 0;
     int32_t                             n_idle_       = 0;
+    int32_t                             n_emb_waiting_ = 0;
 
     // out: events, and a pipe that wakes the consumer once per step
     std::mutex         mtx_out_;

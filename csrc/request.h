@@ -35,10 +35,14 @@ enum request_kind : int32_t {
     REQUEST_KIND_EMBEDDING  = 1,
 };
 
+// The defaults here are llamabox's defaults: Python's SamplingParams and the CLI read them.
 struct request {
     uint64_t                 id_req       = 0;
     request_kind             kind         = REQUEST_KIND_COMPLETION;
-    std::vector<llama_token> prompt;
+    std::vector<llama_token> prompt;             // the prompt as tokens, or
+    std::string              text;               // as text, tokenized by engine::prepare()
+    bool                     add_special  = true;   // BOS etc. when tokenizing `text`
+    bool                     parse_special = true;  // special tokens written in `text` count
     int32_t                  n_predict    = -1;  // < 0: until the slot context is full
     std::vector<std::string> stop;
     sampling_params          sampling;
@@ -110,6 +114,7 @@ struct engine_stats {
     int64_t  n_tokens_drafted_total  = 0;
     int64_t  n_tokens_drafted_accepted_total = 0;
     int64_t  n_decode_total   = 0;
+    int64_t  n_decode_failed_total = 0;  // llama_decode calls that failed (retried or not)
     int64_t  n_requests_total = 0;
     std::vector<slot_info> slots;
 };
@@ -133,7 +138,9 @@ struct model_info {
     llama_token bos = LLAMA_TOKEN_NULL;
     llama_token eos = LLAMA_TOKEN_NULL;
     bool        add_bos = false;
-    int32_t     pooling = 0;  // llama_pooling_type in use for embeddings
+    bool        embeddings = false;   // embed requests are served
+    int32_t     pooling = 0;          // llama_pooling_type in use for embeddings
+    int32_t     n_embd_tokens_max = 0;  // longest embedding input
 };
 
 }  // namespace llamabox

@@ -5,6 +5,8 @@
 #include <pybind11/stl.h>
 
 #include "engine.h"
+#include "log_sink.h"
+#include "model.h"
 #include "scheduler.h"
 #include "text.h"
 
@@ -47,6 +49,9 @@ void bind_types(py::module_ & m) {
         .def_property("kind", [](const request & r) { return (int) r.kind; },
                       [](request & r, int k) { r.kind = (request_kind) k; })
         .def_readwrite("prompt", &request::prompt)
+        .def_readwrite("text", &request::text)
+        .def_readwrite("add_special", &request::add_special)
+        .def_readwrite("parse_special", &request::parse_special)
         .def_readwrite("n_predict", &request::n_predict)
         .def_readwrite("stop", &request::stop)
         .def_readwrite("sampling", &request::sampling)
@@ -101,6 +106,7 @@ void bind_types(py::module_ & m) {
         .def_readonly("n_tokens_drafted_total", &engine_stats::n_tokens_drafted_total)
         .def_readonly("n_tokens_drafted_accepted_total", &engine_stats::n_tokens_drafted_accepted_total)
         .def_readonly("n_decode_total", &engine_stats::n_decode_total)
+        .def_readonly("n_decode_failed_total", &engine_stats::n_decode_failed_total)
         .def_readonly("n_requests_total", &engine_stats::n_requests_total)
         .def_readonly("slots", &engine_stats::slots);
 
@@ -123,7 +129,13 @@ void bind_types(py::module_ & m) {
         .def_readonly("bos", &model_info::bos)
         .def_readonly("eos", &model_info::eos)
         .def_readonly("add_bos", &model_info::add_bos)
-        .def_readonly("pooling", &model_info::pooling);
+        .def_readonly("embeddings", &model_info::embeddings)
+        .def_readonly("pooling", &model_info::pooling)
+        .def_readonly("n_embd_tokens_max", &model_info::n_embd_tokens_max);
+
+    py::class_<prepared>(m, "Prepared", "Requests validated and ready for Engine.submit() (once).")
+        .def_readonly("n_prompt", &prepared::n_prompt)
+        .def_property_readonly("n_requests", [](const prepared & p) { return p.tasks.size(); });
 
     py::class_<engine_params>(m, "EngineParams")
         .def(py::init<>())
@@ -157,10 +169,18 @@ void bind_engine(py::module_ & m) {
              "Loads the model and creates the context (blocking; releases the GIL).")
         .def("start", &engine::start)
         .def("stop", &engine::stop, py::call_guard<py::gil_scoped_release>())
-        .def("submit", [](engine & e, request req) {
+        .def("prepare", [](const engine & e, request req, const std::vector<uint64_t> & ids, bool background) {
             py::gil_scoped_release nogil;
-            e.submit(std::move(req));
-        })
+            if (!background) return e.prepare(std::move(req), ids);
+            return e.workers().run([&] { return e.prepare(std::move(req), ids); });
+        }, py::arg("request"), py::arg("ids"), py::arg("background") = true,
+           "Tokenizes, validates and builds the samplers (slow for long prompts and large grammars; "
+           "releases the GIL; background: on the engine's low-priority threads). One request per id.")
+        .def("submit", [](engine & e, prepared & p) {
+            if (p.tasks.empty()) throw std::invalid_argument("these requests were submitted already");
+            py::gil_scoped_release nogil;
+            e.submit(std::move(p));
+        }, "Queues prepared requests, all or none (O(1) each).")
         .def("cancel", &engine::cancel, py::call_guard<py::gil_scoped_release>())
         .def("poll_events", [](engine & e) {
             std::vector<event> evs;
@@ -176,23 +196,32 @@ void bind_engine(py::module_ & m) {
             return e.stats();
         })
         .def_property_readonly("info", &engine::info, py::return_value_policy::reference_internal)
-        .def("tokenize", [](const engine & e, const std::string & text, bool add_special, bool parse_special) {
+        .def("tokenize", [](const engine & e, const std::string & text, bool add_special, bool parse_special,
+                            bool background) {
             py::gil_scoped_release nogil;
-            return e.tokenize(text, add_special, parse_special);
-        }, py::arg("text"), py::arg("add_special") = true, py::arg("parse_special") = true)
-        .def("detokenize", [](const engine & e, const std::vector<llama_token> & tokens) {
+            if (!background) return e.tokenize(text, add_special, parse_special);
+            return e.workers().run([&] { return e.tokenize(text, add_special, parse_special); });
+        }, py::arg("text"), py::arg("add_special") = true, py::arg("parse_special") = true,
+           py::arg("background") = false)
+        .def("detokenize", [](const engine & e, const std::vector<llama_token> & tokens, bool background) {
             py::gil_scoped_release nogil;
-            return e.detokenize(tokens);
-        })
+            if (!background) return e.detokenize(tokens);
+            return e.workers().run([&] { return e.detokenize(tokens); });
+        }, py::arg("tokens"), py::arg("background") = false)
         .def("token_pieces", [](const engine & e, const std::vector<llama_token> & tokens) {
+            std::vector<std::string> pieces;
+            pieces.reserve(tokens.size());
+            for (llama_token t : tokens) pieces.push_back(e.token_piece(t));
             py::list out;
-            for (llama_token t : tokens) out.append(py::bytes(e.token_piece(t)));
+            for (const auto & p : pieces) out.append(py::bytes(p));
             return out;
         })
-        .def("apply_chat_template", [](const engine & e, const std::string & messages_json, bool add_generation_prompt) {
+        .def("apply_chat_template", [](const engine & e, const std::string & messages_json, bool add_generation_prompt,
+                                       bool background) {
             py::gil_scoped_release nogil;
-            return e.apply_chat_template(messages_json, add_generation_prompt);
-        }, py::arg("messages_json"), py::arg("add_generation_prompt") = true);
+            if (!background) return e.apply_chat_template(messages_json, add_generation_prompt);
+            return e.workers().run([&] { return e.apply_chat_template(messages_json, add_generation_prompt); });
+        }, py::arg("messages_json"), py::arg("add_generation_prompt") = true, py::arg("background") = false);
 }
 
 // Hooks for unit tests of the pure parts (scheduler, text), no model needed.
@@ -212,6 +241,9 @@ void bind_testing(py::module_ & m) {
         for (const auto & s : idle) views.push_back({std::get<0>(s), &std::get<1>(s), std::get<2>(s)});
         return choose_slot(views, prompt);
     });
+    m.def("log_sink_installed", &log_sink_installed,
+          "Whether llama.cpp logs into the process-wide sink (never a dangling one).");
+    m.def("builtin_chat_templates", &builtin_chat_templates);
     m.def("utf8_complete_prefix", [](const py::bytes & b) { return utf8_complete_prefix(std::string(b)); });
     m.def("utf8_sanitize", [](const py::bytes & b) { return utf8_sanitize(std::string(b)); });
 
@@ -237,6 +269,8 @@ PYBIND11_MODULE(_core, m) {
 
     static py::exception<load_error> exc_load(m, "LoadError", PyExc_RuntimeError);
     static py::exception<invalid_request> exc_invalid(m, "InvalidRequest", PyExc_ValueError);
+    // args: (message, param, n_prompt, n_ctx_slot)
+    static py::exception<context_length_error> exc_ctx(m, "ContextLength", exc_invalid.ptr());
     static py::exception<queue_full> exc_queue(m, "QueueFull", PyExc_RuntimeError);
     static py::exception<engine_stopped> exc_stopped(m, "EngineStopped", PyExc_RuntimeError);
     py::register_exception_translator([](std::exception_ptr p) {
@@ -244,8 +278,11 @@ PYBIND11_MODULE(_core, m) {
             if (p) std::rethrow_exception(p);
         } catch (const load_error & e) {
             py::set_error(exc_load, e.what());
+        } catch (const context_length_error & e) {
+            py::set_error(exc_ctx, py::make_tuple(e.what(), "prompt", e.n_prompt, e.n_ctx_slot));
         } catch (const invalid_request & e) {
-            py::set_error(exc_invalid, e.what());
+            // args: (message, param or None)
+            py::set_error(exc_invalid, py::make_tuple(e.what(), e.param.empty() ? py::object(py::none()) : py::object(py::str(e.param))));
         } catch (const queue_full & e) {
             py::set_error(exc_queue, e.what());
         } catch (const engine_stopped & e) {

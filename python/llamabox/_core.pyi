@@ -6,10 +6,12 @@ from __future__ import annotations
 import collections.abc
 import typing
 from llamabox import _core_testing as testing
-__all__: list[str] = ['Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'ModelInfo', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'TokenLogprob', 'testing']
+__all__: list[str] = ['ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'ModelInfo', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'TokenLogprob', 'testing']
 class LoadError(RuntimeError):
     pass
 class InvalidRequest(ValueError):
+    pass
+class ContextLength(InvalidRequest):
     pass
 class QueueFull(RuntimeError):
     pass
@@ -95,9 +97,12 @@ class SamplingParams:
     def typical_p(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
 class Request:
+    add_special: bool
     cache_prompt: bool
+    parse_special: bool
     sampling: SamplingParams
     tag: str
+    text: str
     def __init__(self) -> None:
         ...
     @property
@@ -219,6 +224,9 @@ class EngineStats:
     def n_busy(self) -> int:
         ...
     @property
+    def n_decode_failed_total(self) -> int:
+        ...
+    @property
     def n_decode_total(self) -> int:
         ...
     @property
@@ -268,6 +276,9 @@ class ModelInfo:
     def description(self) -> str:
         ...
     @property
+    def embeddings(self) -> bool:
+        ...
+    @property
     def eos(self) -> int:
         ...
     @property
@@ -292,6 +303,9 @@ class ModelInfo:
     def n_embd(self) -> int:
         ...
     @property
+    def n_embd_tokens_max(self) -> int:
+        ...
+    @property
     def n_params(self) -> int:
         ...
     @property
@@ -308,6 +322,16 @@ class ModelInfo:
         ...
     @property
     def size_bytes(self) -> int:
+        ...
+class Prepared:
+    """
+    Requests validated and ready for Engine.submit() (once).
+    """
+    @property
+    def n_prompt(self) -> int:
+        ...
+    @property
+    def n_requests(self) -> int:
         ...
 class EngineParams:
     cache_type_k: str
@@ -394,27 +418,33 @@ class Engine:
         """
         Loads the model and creates the context (blocking; releases the GIL).
         """
-    def apply_chat_template(self, messages_json: str, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages_json: str, add_generation_prompt: bool = True, background: bool = False) -> str:
         ...
     def cancel(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
-    def detokenize(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> str:
+    def detokenize(self, tokens: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], background: bool = False) -> str:
         ...
     def notify_fd(self) -> int:
         ...
     def poll_events(self) -> list[Event]:
         ...
+    def prepare(self, request: Request, ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], background: bool = True) -> Prepared:
+        """
+        Tokenizes, validates and builds the samplers (slow for long prompts and large grammars; releases the GIL; background: on the engine's low-priority threads). One request per id.
+        """
     def start(self) -> None:
         ...
     def stats(self) -> EngineStats:
         ...
     def stop(self) -> None:
         ...
-    def submit(self, arg0: Request) -> None:
-        ...
+    def submit(self, arg0: Prepared) -> None:
+        """
+        Queues prepared requests, all or none (O(1) each).
+        """
     def token_pieces(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> list:
         ...
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True, background: bool = False) -> list[int]:
         ...
     @property
     def info(self) -> ModelInfo:

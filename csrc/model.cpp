@@ -1,0 +1,190 @@
+#include "model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+
+#include "chat.h"
+#include "common.h"
+#include "errors.h"
+#include "input_limits.h"
+#include "json.h"
+#include "log_sink.h"
+#include "templates.h"
+#include "text.h"
+
+namespace llamabox {
+
+namespace {
+
+// Refuses a path before llama.cpp sees it, with a message a user can act on.
+void check_model_file(const std::string & path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) throw load_error("model file not found or unreadable: " + path);
+    char magic[4] = {};
+    f.read(magic, 4);
+    if (f.gcount() != 4 || std::memcmp(magic, "GGUF", 4) != 0) {
+        throw load_error("not a GGUF file: " + path);
+    }
+}
+
+bool looks_like_jinja(const std::string & s) {
+    return s.find("{{") != std::string::npos || s.find("{%") != std::string::npos;
+}
+
+std::string join(const std::vector<std::string> & items) {
+    std::string out;
+    for (const auto & s : items) out += (out.empty() ? "" : ", ") + s;
+    return out;
+}
+
+}  // namespace
+
+std::vector<std::string> builtin_chat_templates() {
+    const int32_t n = llama_chat_builtin_templates(nullptr, 0);
+    std::vector<const char *> names(n > 0 ? (size_t) n : 0);
+    if (n > 0) llama_chat_builtin_templates(names.data(), names.size());
+    return {names.begin(), names.end()};
+}
+
+model::model(const model_params & params) {
+    check_model_file(params.path);
+
+    auto mparams = llama_model_default_params();
+    mparams.n_gpu_layers    = params.n_gpu_layers;
+    mparams.use_extra_bufts = params.repack;
+    mparams.load_mode = params.use_mmap ? (params.use_mlock ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MMAP)
+                                        : (params.use_mlock ? LLAMA_LOAD_MODE_MLOCK : LLAMA_LOAD_MODE_NONE);
+    {
+        log_capture capture;
+        model_.reset(llama_model_load_from_file(params.path.c_str(), mparams));
+        if (!model_) {
+            const std::string & why = capture.errors();
+            throw load_error("failed to load model " + params.path +
+                             (why.empty() ? std::string(" (unsupported architecture or corrupt file)") : ": " + why));
+        }
+    }
+    vocab_ = llama_model_get_vocab(model_.get());
+    n_vocab_ = llama_vocab_n_tokens(vocab_);
+
+    // Chat template: a built-in name, the user's Jinja, the model's, or a fallback by architecture.
+    std::string src = params.chat_template;
+    const auto builtins = builtin_chat_templates();
+    const bool is_builtin = std::find(builtins.begin(), builtins.end(), src) != builtins.end();
+    if (!src.empty() && !is_builtin && !looks_like_jinja(src)) {
+        throw load_error("chat template '" + src + "' is neither a built-in template name (" + join(builtins) +
+                         ") nor a Jinja template");
+    }
+    // chatml is a Jinja template of llama.cpp's own (common_chat_templates_init maps the name);
+    // the other names only llama.cpp's built-in renderer knows.
+    legacy_template_ = is_builtin && src != "chatml";
+    if (src.empty() && !llama_model_chat_template(model_.get(), nullptr)) {
+        src = fallback_chat_template(meta("general.architecture"));
+    }
+    try {
+        tmpls_ = std::shared_ptr<common_chat_templates>(common_chat_templates_init(model_.get(), src).release(),
+                                                        common_chat_templates_free);
+    } catch (const std::exception & e) {
+        throw load_error(std::string("invalid chat template: ") + e.what());
+    }
+    template_name_ = is_builtin ? src : common_chat_templates_source(tmpls_.get());
+    if (legacy_template_) {
+        // Render once now, so a template llama.cpp cannot apply fails the load, not a request.
+        llama_chat_message probe = {"user", "test"};
+        if (llama_chat_apply_template(src.c_str(), &probe, 1, true, nullptr, 0) < 0) {
+            throw load_error("llama.cpp cannot apply the built-in chat template '" + src + "'");
+        }
+    }
+
+    for (llama_token t = 0; t < n_vocab_; ++t) {
+        if (llama_vocab_is_eog(vocab_, t)) eog_bias_.emplace_back(t, -INFINITY);
+    }
+    int32_t n_suppress = 0;
+    llama_vocab_get_suppress_tokens(vocab_, &n_suppress);
+    has_suppress_ = n_suppress > 0;
+}
+
+model::~model() {
+    tmpls_.reset();
+    model_.reset();
+}
+
+std::string model::meta(const char * key) const {
+    char buf[256];
+    const int32_t n = llama_model_meta_val_str(model_.get(), key, buf, sizeof(buf));
+    return n < 0 ? std::string() : std::string(buf);
+}
+
+void model::describe(model_info & info) const {
+    char desc[256];
+    info.description   = llama_model_desc(model_.get(), desc, sizeof(desc)) > 0 ? desc : "";
+    info.architecture  = meta("general.architecture");
+    info.n_params      = llama_model_n_params(model_.get());
+    info.size_bytes    = llama_model_size(model_.get());
+    info.n_vocab       = n_vocab_;
+    info.n_ctx_train   = llama_model_n_ctx_train(model_.get());
+    info.n_embd        = llama_model_n_embd(model_.get());
+    info.n_swa         = llama_model_n_swa(model_.get());
+    info.chat_template = template_name_;
+    info.fim_pre       = llama_vocab_fim_pre(vocab_);
+    info.fim_suf       = llama_vocab_fim_suf(vocab_);
+    info.fim_mid       = llama_vocab_fim_mid(vocab_);
+    info.bos           = llama_vocab_bos(vocab_);
+    info.eos           = llama_vocab_eos(vocab_);
+    info.add_bos       = llama_vocab_get_add_bos(vocab_);
+}
+
+std::vector<llama_token> model::tokenize(const std::string & text, bool add_special, bool parse_special) const {
+    return common_tokenize(vocab_, text, add_special, parse_special);
+}
+
+void model::check_tokens(const std::vector<llama_token> & tokens, const char * what) const {
+    for (llama_token t : tokens) {
+        if (t < 0 || t >= n_vocab_) {
+            throw invalid_request(std::string(what) + ": token id " + std::to_string(t) + " is out of range [0, " +
+                                  std::to_string(n_vocab_) + ")", what);
+        }
+    }
+}
+
+std::string model::detokenize(const std::vector<llama_token> & tokens) const {
+    check_tokens(tokens, "tokens");
+    return utf8_sanitize(common_detokenize(vocab_, tokens, false));
+}
+
+std::string model::token_piece(llama_token token) const {
+    check_tokens({token}, "tokens");
+    return common_token_to_piece(vocab_, token, true);
+}
+
+std::string model::apply_chat_template(const std::string & messages_json, bool add_generation_prompt) const {
+    common_chat_templates_inputs inputs;
+    try {
+        const common_json messages = common_json::parse(messages_json);
+        check_tool_call_arguments(messages);
+        inputs.messages = common_chat_msgs_parse_oaicompat(messages);
+    } catch (const invalid_request & e) {
+        throw invalid_request(e.what(), e.param.empty() ? "messages" : e.param);
+    } catch (const std::exception & e) {
+        throw invalid_request(std::string("invalid messages: ") + e.what(), "messages");
+    }
+    inputs.add_generation_prompt = add_generation_prompt;
+    inputs.use_jinja = !legacy_template_;
+    std::string prompt;
+    try {
+        std::lock_guard<std::mutex> lk(mtx_tmpl_);
+        prompt = common_chat_templates_apply(tmpls_.get(), inputs).prompt;
+    } catch (const std::exception & e) {
+        throw invalid_request(std::string("the chat template failed on these messages: ") + e.what(), "messages");
+    }
+    // The template writes BOS itself; tokenizing with add_special adds it again, so drop it here.
+    const llama_token bos = llama_vocab_bos(vocab_);
+    if (llama_vocab_get_add_bos(vocab_) && bos != LLAMA_TOKEN_NULL) {
+        const std::string bos_text = common_token_to_piece(vocab_, bos, true);
+        if (!bos_text.empty() && prompt.compare(0, bos_text.size(), bos_text) == 0) prompt.erase(0, bos_text.size());
+    }
+    return prompt;
+}
+
+}  // namespace llamabox
