@@ -3,19 +3,28 @@
 The C++ engine runs its decode loop on its own thread. After each step that produced output it
 makes a pipe readable; the asyncio loop watches that pipe (``add_reader``) and drains every
 request's events in one go, so the loop wakes once per engine step, not once per token.
+
+Nothing slow runs on the event loop. Preparing a request (tokenizing its prompt, rendering a chat
+template, turning a JSON schema into a grammar, building the samplers) runs in C++ with the GIL
+released, on the engine's low-priority threads, so other requests' streams keep flowing and the
+decode threads keep their cores; a thread of ours waits for it, so the loop never does (and no
+low-priority thread ever holds the GIL). Small inputs skip the hop (it would cost more than the
+work). Errors are still raised by the awaited call, before any response has started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import functools
 import itertools
-import json
-import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from llamabox import _core
 from llamabox.types import (
@@ -47,6 +56,11 @@ _FINISH: dict[int, FinishReason] = {
 _POOLING = {"model": -1, "none": 0, "mean": 1, "cls": 2, "last": 3}
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 
+# Below this size (characters, or tokens) the work is a few microseconds: done on the loop.
+INLINE_MAX = 2048
+_json = msgspec.json.Encoder()
+T = TypeVar("T")
+
 
 def _engine_params(config: EngineConfig) -> _core.EngineParams:
     p = _core.EngineParams()
@@ -75,28 +89,56 @@ def _engine_params(config: EngineConfig) -> _core.EngineParams:
     return p
 
 
-def _flatten_content(content: Any, index: int) -> str:
-    """Text of an OpenAI message content: a string or a list of text parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise InvalidRequestError(
-                    f"messages[{index}]: content part of type {kind!r} is not supported by this "
-                    "model (text only)",
-                    param=f"messages[{index}].content",
-                )
-            texts.append(str(part.get("text", "")))
-        return "\n".join(texts)
-    raise InvalidRequestError(
-        f"messages[{index}].content must be a string or a list of parts",
-        param=f"messages[{index}].content",
-    )
+def _invalid(e: _core.InvalidRequest) -> InvalidRequestError:
+    """The Python error for a C++ invalid_request: args are (message, param[, counts])."""
+    if isinstance(e, _core.ContextLength):
+        message, _, n_prompt, n_ctx_slot = e.args
+        return ContextLengthError(n_prompt, n_ctx_slot)
+    message, param = e.args if len(e.args) == 2 else (str(e), None)
+    return InvalidRequestError(message, param=param)
+
+
+def _set(target: Any, field: str, value: Any, param: str) -> None:
+    """One field of a native struct; a value its C++ type cannot hold is the caller's error."""
+    try:
+        setattr(target, field, value)
+    except TypeError:
+        raise InvalidRequestError(f"{param} is out of range", param=param) from None
+
+
+def _native_request(request: GenerateRequest, max_tokens: int) -> _core.Request:
+    req = _core.Request()
+    if isinstance(request.prompt, str):
+        req.text = request.prompt
+        req.add_special = request.add_special
+        req.parse_special = request.parse_special
+    else:
+        req.prompt = _token_list(request.prompt, "prompt")
+    _set(req, "n_predict", max_tokens, "max_tokens")
+    req.stop = list(request.stop)
+    req.cache_prompt = request.cache_prompt
+    req.tag = request.request_id or ""
+    sp, s = request.sampling, req.sampling
+    for field in (
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "typical_p",
+        "repeat_penalty",
+        "repeat_last_n",
+        "presence_penalty",
+        "frequency_penalty",
+        "ignore_eos",
+        "n_probs",
+    ):
+        _set(s, field, getattr(sp, field), field)
+    _set(s, "seed", -1 if sp.seed is None else sp.seed, "seed")
+    _set(s, "logit_bias", list(sp.logit_bias.items()), "logit_bias")
+    s.grammar = sp.grammar or ""
+    s.json_schema = sp.json_schema or ""
+    s.logprobs = sp.logprobs or sp.n_probs > 0
+    return req
 
 
 class RequestStream:
@@ -183,6 +225,7 @@ class Engine:
         self._core: _core.Engine | None = None
         self._info: ModelInfo | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         # Weak: a stream its reader dropped is collected, and its __del__ cancels the request.
         self._streams: weakref.WeakValueDictionary[int, RequestStream] = (
             weakref.WeakValueDictionary()
@@ -207,6 +250,10 @@ class Engine:
         except _core.LoadError as e:
             raise ModelLoadError(str(e)) from None
         core.start()
+        # These threads only wait (GIL released) for the engine's own low-priority ones.
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="llamabox-prepare"
+        )
         loop.add_reader(core.notify_fd(), self._dispatch)
         self._loop = loop
         self._core = core
@@ -218,6 +265,9 @@ class Engine:
             return
         assert self._loop is not None
         self._loop.remove_reader(core.notify_fd())
+        pool, self._pool = self._pool, None
+        if pool is not None:  # a preparation still running holds the engine: let it end first
+            await self._loop.run_in_executor(None, pool.shutdown, True)
         await self._loop.run_in_executor(None, core.stop)
         self._deliver(core.poll_events())
         for stream in list(self._streams.values()):
@@ -252,74 +302,47 @@ class Engine:
             raise EngineStoppedError("the engine is not running")
         return self._info
 
+    async def _off_loop(self, inline: bool, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args, background=True)`` waited for on one of our threads, or
+        ``fn(*args, background=False)`` on the loop when ``inline``; C++ errors become this
+        module's."""
+        try:
+            if inline or self._pool is None:
+                return fn(*args, background=False)
+            call = functools.partial(fn, *args, background=True)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        except _core.InvalidRequest as e:
+            raise _invalid(e) from None
+
     # ---- generation ----
 
-    def generate(self, request: GenerateRequest) -> RequestStream:
-        """Validates and submits at once (raising here on bad input or a full queue)."""
-        core = self._require()
-        prompt = self._prompt_tokens(request.prompt, request.add_special, request.parse_special)
-        _check_sampling(request, self.model_info.n_vocab)
-        req = _core.Request()
-        req.id_req = next(self._ids)
-        req.kind = _core.KIND_COMPLETION
-        req.prompt = prompt
-        max_tokens = request.max_tokens if request.max_tokens is not None else self.config.n_predict
-        req.n_predict = max_tokens
-        req.stop = list(request.stop)
-        req.cache_prompt = request.cache_prompt
-        req.tag = request.request_id or ""
-        sp = request.sampling
-        s = req.sampling
-        s.temperature = sp.temperature
-        s.top_k = sp.top_k
-        s.top_p = sp.top_p
-        s.min_p = sp.min_p
-        s.typical_p = sp.typical_p
-        s.repeat_penalty = sp.repeat_penalty
-        s.repeat_last_n = sp.repeat_last_n
-        s.presence_penalty = sp.presence_penalty
-        s.frequency_penalty = sp.frequency_penalty
-        s.seed = -1 if sp.seed is None else sp.seed
-        s.logit_bias = [(int(k), float(v)) for k, v in sp.logit_bias.items()]
-        s.grammar = sp.grammar or ""
-        s.json_schema = sp.json_schema or ""
-        s.ignore_eos = sp.ignore_eos
-        s.logprobs = sp.logprobs or sp.n_probs > 0
-        s.n_probs = sp.n_probs
-        stream = RequestStream(self, req.id_req)
-        self._streams[req.id_req] = stream
-        try:
-            self._submit(core, req)
-        except BaseException:
-            del self._streams[req.id_req]
-            raise
+    async def generate(self, request: GenerateRequest) -> RequestStream:
+        """Validates and submits (raising here on bad input or a full queue)."""
+        [stream] = await self.generate_choices(request, 1)
         return stream
 
-    def _prompt_tokens(
-        self, prompt: str | list[int], add_special: bool, parse_special: bool
-    ) -> list[int]:
-        tokens = (
-            self.tokenize(prompt, add_special, parse_special) if isinstance(prompt, str) else prompt
-        )
-        if not tokens:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        n_ctx_slot = self.model_info.n_ctx_slot
-        if len(tokens) >= n_ctx_slot:
-            raise ContextLengthError(len(tokens), n_ctx_slot)
-        if not isinstance(prompt, str):
-            _check_token_ids(tokens, self.model_info.n_vocab, "prompt")
-        return tokens
+    async def generate_choices(self, request: GenerateRequest, n: int) -> list[RequestStream]:
+        """``n`` completions of one prompt, tokenized once; choice j samples with seed + j.
 
-    @staticmethod
-    def _submit(core: _core.Engine, req: _core.Request) -> None:
+        All are queued or none is; errors are raised here, before anything streams.
+        """
+        core = self._require()
+        if n < 1:
+            raise InvalidRequestError("n must be at least 1", param="n")
+        max_tokens = request.max_tokens if request.max_tokens is not None else self.config.n_predict
+        native = _native_request(request, max_tokens)
+        ids = [next(self._ids) for _ in range(n)]
+        prepared = await self._off_loop(False, core.prepare, native, ids)
+        streams = [RequestStream(self, id_req) for id_req in ids]
+        for stream in streams:
+            self._streams[stream.id_req] = stream
         try:
-            core.submit(req)
-        except _core.InvalidRequest as e:
-            raise InvalidRequestError(str(e)) from None
-        except _core.QueueFull as e:
-            raise QueueFullError(str(e)) from None
-        except _core.EngineStopped as e:
-            raise EngineStoppedError(str(e)) from None
+            _submit_all(core, [prepared])
+        except BaseException:
+            for id_req in ids:
+                self._streams.pop(id_req, None)
+            raise
+        return streams
 
     def _cancel(self, id_req: int) -> None:
         if self._core is not None:
@@ -328,33 +351,38 @@ class Engine:
     # ---- embeddings ----
 
     async def embed(self, inputs: Sequence[str] | Sequence[list[int]]) -> list[EmbeddingResult]:
+        """L2-normalized embeddings, in a context of their own (no slot is taken)."""
         core = self._require()
-        if not self.config.embeddings:
+        if not self.model_info.embeddings:
             raise InvalidRequestError("this server was started without embeddings (--embeddings)")
         if not inputs:
             raise InvalidRequestError("the input is empty", param="input")
         loop = asyncio.get_running_loop()
+        prepared_all = []
+        for item in inputs:
+            req = _core.Request()
+            req.kind = _core.KIND_EMBEDDING
+            if isinstance(item, str):
+                req.text = item
+                req.parse_special = False
+            else:
+                req.prompt = _token_list(item, "input")
+            prepared_all.append(req)
+        ids = [next(self._ids) for _ in prepared_all]
+        batches = await self._off_loop(
+            sum(len(x) for x in inputs) <= INLINE_MAX, _prepare_all, core, prepared_all, ids
+        )
         futures: list[asyncio.Future[_core.Event]] = []
+        for id_req in ids:
+            fut: asyncio.Future[_core.Event] = loop.create_future()
+            self._embed_waiters[id_req] = fut
+            futures.append(fut)
         try:
-            for item in inputs:
-                tokens = self._prompt_tokens(item, True, False)
-                req = _core.Request()
-                req.id_req = next(self._ids)
-                req.kind = _core.KIND_EMBEDDING
-                req.prompt = tokens
-                fut: asyncio.Future[_core.Event] = loop.create_future()
-                self._embed_waiters[req.id_req] = fut
-                futures.append(fut)
-                try:
-                    self._submit(core, req)
-                except BaseException:
-                    del self._embed_waiters[req.id_req]
-                    futures.pop()
-                    raise
+            _submit_all(core, batches)
             events = await asyncio.gather(*futures)
         except BaseException:
-            for id_req, f in list(self._embed_waiters.items()):
-                if f in futures:
+            for id_req in ids:
+                if self._embed_waiters.pop(id_req, None) is not None:
                     core.cancel(id_req)
             raise
         pooled = core.info.pooling != 0
@@ -427,40 +455,42 @@ class Engine:
 
     # ---- text utilities (any time after start) ----
 
-    def tokenize(
+    async def tokenize(
         self, text: str, add_special: bool = True, parse_special: bool = True
     ) -> list[int]:
-        return list(self._require().tokenize(text, add_special, parse_special))
+        core = self._require()
+        return list(
+            await self._off_loop(
+                len(text) <= INLINE_MAX, core.tokenize, text, add_special, parse_special
+            )
+        )
 
-    def detokenize(self, tokens: list[int]) -> str:
-        _check_token_ids(tokens, self.model_info.n_vocab, "tokens")
-        try:
-            return str(self._require().detokenize(tokens))
-        except _core.InvalidRequest as e:
-            raise InvalidRequestError(str(e), param="tokens") from None
+    async def detokenize(self, tokens: list[int]) -> str:
+        core = self._require()
+        return str(await self._off_loop(len(tokens) <= INLINE_MAX, _detokenize, core, tokens))
 
     def token_pieces(self, tokens: list[int]) -> list[bytes]:
-        _check_token_ids(tokens, self.model_info.n_vocab, "tokens")
         try:
-            return list(self._require().token_pieces(tokens))
+            return list(self._require().token_pieces(_token_list(tokens)))
         except _core.InvalidRequest as e:
-            raise InvalidRequestError(str(e), param="tokens") from None
+            raise _invalid(e) from None
 
-    def apply_chat_template(
+    async def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:
+        """The prompt for OpenAI-style ``messages`` (their content: text, or text parts)."""
         core = self._require()
         if not messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
-        flat = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m:
-                raise InvalidRequestError(f"messages[{i}] needs a role", param=f"messages[{i}]")
-            flat.append({**m, "content": _flatten_content(m.get("content"), i)})
-        try:
-            return str(core.apply_chat_template(json.dumps(flat), add_generation_prompt))
-        except _core.InvalidRequest as e:
-            raise InvalidRequestError(str(e), param="messages") from None
+        encoded = _json.encode(messages)
+        return str(
+            await self._off_loop(
+                len(encoded) <= INLINE_MAX,
+                core.apply_chat_template,
+                encoded.decode(),
+                add_generation_prompt,
+            )
+        )
 
     def fim_tokens(self) -> tuple[int, int, int] | None:
         info = self._require().info
@@ -483,6 +513,7 @@ class Engine:
             n_tokens_drafted_total=s.n_tokens_drafted_total,
             n_tokens_drafted_accepted_total=s.n_tokens_drafted_accepted_total,
             n_decode_total=s.n_decode_total,
+            n_decode_failed_total=s.n_decode_failed_total,
             n_requests_total=s.n_requests_total,
             slots=[
                 SlotInfo(
@@ -519,58 +550,38 @@ class Engine:
             has_fim=min(i.fim_pre, i.fim_suf, i.fim_mid) >= 0,
             bos_token=text(i.bos),
             eos_token=text(i.eos),
+            embeddings=i.embeddings,
+            n_embd_tokens_max=i.n_embd_tokens_max,
         )
 
 
-# The native types: values outside them cannot cross into C++ (pybind11 raises TypeError).
-_INT32_MAX = 2**31 - 1
-_INT64 = range(-(2**63), 2**63)
-_FLOAT_MAX = 3.4028234663852886e38  # float32: larger values would become infinite
-_FLOAT_FIELDS = (
-    "temperature",
-    "top_p",
-    "min_p",
-    "typical_p",
-    "repeat_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
-
-
-def _finite32(value: float) -> bool:
-    return math.isfinite(value) and abs(value) <= _FLOAT_MAX
-
-
-def _check_token_ids(tokens: Sequence[int], n_vocab: int, param: str) -> None:
+def _token_list(tokens: list[int], param: str = "tokens") -> list[int]:
+    """Token ids that fit the native type; the range against the vocabulary is C++'s check."""
     for token in tokens:
-        if not 0 <= token < n_vocab:
-            raise InvalidRequestError(
-                f"token id {token} is out of range [0, {n_vocab})", param=param
-            )
+        if not -(2**31) <= token < 2**31:
+            raise InvalidRequestError(f"token id {token} is out of range", param=param)
+    return tokens
 
 
-def _check_sampling(request: GenerateRequest, n_vocab: int) -> None:
-    sp = request.sampling
-    max_tokens = request.max_tokens
-    checks: list[tuple[bool, str, str]] = [
-        (max_tokens is None or max_tokens >= 1, "max_tokens", "must be at least 1"),
-        (max_tokens is None or max_tokens <= _INT32_MAX, "max_tokens", f"must be <= {_INT32_MAX}"),
-        (sp.temperature >= 0, "temperature", "must be >= 0"),
-        (0 <= sp.top_p <= 1, "top_p", "must be between 0 and 1"),
-        (0 <= sp.min_p <= 1, "min_p", "must be between 0 and 1"),
-        (sp.typical_p > 0, "typical_p", "must be > 0"),
-        (sp.repeat_penalty > 0, "repeat_penalty", "must be > 0"),
-        (sp.repeat_last_n >= -1, "repeat_last_n", "must be >= -1"),
-        (sp.repeat_last_n <= _INT32_MAX, "repeat_last_n", f"must be <= {_INT32_MAX}"),
-        (0 <= sp.n_probs <= 100, "n_probs", "must be between 0 and 100"),
-        (abs(sp.top_k) <= _INT32_MAX, "top_k", f"must be between -{_INT32_MAX} and {_INT32_MAX}"),
-        (sp.seed is None or sp.seed in _INT64, "seed", "must fit in a signed 64-bit integer"),
+def _detokenize(core: _core.Engine, tokens: list[int], *, background: bool) -> str:
+    return str(core.detokenize(_token_list(tokens), background=background))
+
+
+def _prepare_all(
+    core: _core.Engine, requests: list[_core.Request], ids: list[int], *, background: bool
+) -> list[_core.Prepared]:
+    return [
+        core.prepare(req, [id_req], background=background)
+        for req, id_req in zip(requests, ids, strict=True)
     ]
-    finite = "must be a finite number, at most 3.4e38 in magnitude"
-    checks += [(_finite32(getattr(sp, f)), f, finite) for f in _FLOAT_FIELDS]
-    for ok, param, what in checks:
-        if not ok:
-            raise InvalidRequestError(f"{param} {what}", param=param)
-    _check_token_ids(list(sp.logit_bias), n_vocab, "logit_bias")
-    if not all(bias == -math.inf or _finite32(bias) for bias in sp.logit_bias.values()):
-        raise InvalidRequestError(f"logit_bias: a bias {finite} (or false)", "logit_bias")
+
+
+def _submit_all(core: _core.Engine, batches: list[_core.Prepared]) -> None:
+    """Queues each (O(1)); the engine's errors become this module's."""
+    try:
+        for prepared in batches:
+            core.submit(prepared)
+    except _core.QueueFull as e:
+        raise QueueFullError(str(e)) from None
+    except _core.EngineStopped as e:
+        raise EngineStoppedError(str(e)) from None

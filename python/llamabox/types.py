@@ -2,6 +2,10 @@
 
 Plain data only: the engine (``engine.py``) consumes ``GenerateRequest`` and yields
 ``GenerationOutput``; the HTTP layer (``api/``) maps wire types onto these.
+
+Defaults have one home, the C++ structs the engine runs on (``csrc/request.h``,
+``csrc/engine.h``): the defaults below are read from them, and the CLI, ``/props`` and the wire
+types' "not given" all resolve to these.
 """
 
 from __future__ import annotations
@@ -10,57 +14,68 @@ from typing import Literal
 
 import msgspec
 
+from llamabox import _core
+
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 PoolingType = Literal["model", "none", "mean", "cls", "last"]
+
+_ENGINE = _core.EngineParams()
+_SAMPLING = _core.SamplingParams()
+_REQUEST = _core.Request()
+
+
+def _f32(value: float) -> float:
+    """A C++ float as the decimal it was written as (0.8, not 0.800000011920929)."""
+    return float(f"{value:.7g}")
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):
     """How the engine loads the model and sizes its context. Field names follow llama.cpp."""
 
     model: str
-    n_ctx: int = 4096  # total context, split evenly over the slots; 0 = model's training context
-    n_parallel: int = 1  # slots decoding at once
-    n_batch: int = 2048  # logical batch: tokens per engine step
-    n_ubatch: int = 512  # physical batch
-    n_threads: int = 0  # 0 = number of physical cores
-    n_threads_batch: int = 0  # 0 = same as n_threads
-    n_gpu_layers: int = -1  # -1 = all that fit on the GPU backend (ignored on CPU)
+    n_ctx: int = _ENGINE.n_ctx  # total context, split over the slots; 0 = training context
+    n_parallel: int = _ENGINE.n_parallel  # slots decoding at once
+    n_batch: int = _ENGINE.n_batch  # logical batch: tokens per engine step
+    n_ubatch: int = _ENGINE.n_ubatch  # physical batch (and the longest embedding input)
+    n_threads: int = _ENGINE.n_threads  # 0 = number of physical cores
+    n_threads_batch: int = _ENGINE.n_threads_batch  # 0 = same as n_threads
+    n_gpu_layers: int = _ENGINE.n_gpu_layers  # -1 = all that fit on the GPU backend
     flash_attn: Literal["auto", "on", "off"] = "auto"
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    use_mmap: bool = True
-    use_mlock: bool = False
-    repack: bool = True  # repack weights into the CPU backend's faster layouts
-    seed: int = -1  # default seed for requests that give none; -1 = random
-    kv_unified: bool = False
-    swa_full: bool = True  # full-size SWA cache: prefix reuse on sliding-window models
-    n_queue_max: int = 256  # requests waiting for a slot before submit() fails
-    embeddings: bool = False  # enable embed()
+    cache_type_k: str = _ENGINE.cache_type_k
+    cache_type_v: str = _ENGINE.cache_type_v
+    use_mmap: bool = _ENGINE.use_mmap
+    use_mlock: bool = _ENGINE.use_mlock
+    repack: bool = _ENGINE.repack  # repack weights into the CPU backend's faster layouts
+    seed: int = _ENGINE.seed  # default seed for requests that give none; -1 = random
+    kv_unified: bool = _ENGINE.kv_unified
+    swa_full: bool = _ENGINE.swa_full  # full-size SWA cache: prefix reuse on SWA models
+    n_queue_max: int = _ENGINE.n_queue_max  # requests waiting for a slot before submit fails
+    embeddings: bool = _ENGINE.embeddings  # enable embed(), in a context of its own
     pooling: PoolingType = "model"
-    chat_template: str | None = None  # Jinja source overriding the model's template
-    n_predict: int = -1  # default max tokens for requests without one; -1 = until context full
-    verbose: bool = False  # llama.cpp's own logs
+    chat_template: str | None = None  # built-in name (chatml, llama3, ...) or Jinja source
+    n_predict: int = _REQUEST.n_predict  # max tokens of requests without one; -1 = context full
+    verbose: bool = _ENGINE.verbose  # llama.cpp's own logs
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Per-request sampling. temperature 0 is greedy."""
 
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    typical_p: float = 1.0
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64  # -1 = whole context
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    temperature: float = _f32(_SAMPLING.temperature)
+    top_k: int = _SAMPLING.top_k
+    top_p: float = _f32(_SAMPLING.top_p)
+    min_p: float = _f32(_SAMPLING.min_p)
+    typical_p: float = _f32(_SAMPLING.typical_p)
+    repeat_penalty: float = _f32(_SAMPLING.repeat_penalty)
+    repeat_last_n: int = _SAMPLING.repeat_last_n  # -1 = whole context
+    presence_penalty: float = _f32(_SAMPLING.presence_penalty)
+    frequency_penalty: float = _f32(_SAMPLING.frequency_penalty)
     seed: int | None = None  # None: the engine's default seed
     logit_bias: dict[int, float] = {}  # token id -> bias; -inf bans the token
     grammar: str | None = None  # GBNF
     json_schema: str | None = None  # JSON schema (as JSON text), converted to a grammar
-    ignore_eos: bool = False
-    n_probs: int = 0  # top-n alternatives reported per token (needs logprobs)
-    logprobs: bool = False  # report the log-probability of each sampled token
+    ignore_eos: bool = _SAMPLING.ignore_eos
+    n_probs: int = _SAMPLING.n_probs  # top-n alternatives reported per token (needs logprobs)
+    logprobs: bool = _SAMPLING.logprobs  # report the log-probability of each sampled token
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):
@@ -68,9 +83,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     max_tokens: int | None = None  # None: config.n_predict, else until the slot context is full
     stop: list[str] = []
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
-    add_special: bool = True  # BOS etc. when tokenizing a text prompt
-    parse_special: bool = True  # special tokens written in the text are parsed as such
-    cache_prompt: bool = True  # reuse a slot's cached prefix
+    add_special: bool = _REQUEST.add_special  # BOS etc. when tokenizing a text prompt
+    parse_special: bool = _REQUEST.parse_special  # special tokens written in the text count
+    cache_prompt: bool = _REQUEST.cache_prompt  # reuse a slot's cached prefix
     request_id: str | None = None  # for logs
 
 
@@ -128,10 +143,12 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     n_embd: int
     n_ctx: int  # the engine's whole context
     n_ctx_slot: int  # context per slot
-    chat_template: str  # the Jinja source in use (model's, user's, or the fallback)
+    chat_template: str  # in use: a built-in name, or Jinja source (model's, user's, fallback)
     has_fim: bool  # the vocabulary has fill-in-the-middle tokens
     bos_token: str
     eos_token: str
+    embeddings: bool = False  # embed() is served
+    n_embd_tokens_max: int = 0  # longest embedding input
 
 
 class SlotInfo(msgspec.Struct, kw_only=True):
@@ -157,6 +174,7 @@ class EngineStats(msgspec.Struct, kw_only=True):
     n_tokens_drafted_total: int
     n_tokens_drafted_accepted_total: int
     n_decode_total: int  # llama_decode calls
+    n_decode_failed_total: int  # of which failed (a prefill shed and retried, or requests failed)
     n_requests_total: int
     slots: list[SlotInfo]
 

@@ -110,7 +110,7 @@ def from_exception(exc: BaseException) -> APIError:
     elif isinstance(exc, msgspec.ValidationError):
         param = _validation_param(message)
     elif isinstance(exc, msgspec.DecodeError):
-        message = f"Malformed JSON in request body: {message}"
+        message = f"invalid JSON: {message}"
     elif isinstance(exc, QueueFullError):
         message = message or "Server busy: every slot is taken and the queue is full"
     elif status >= 500:

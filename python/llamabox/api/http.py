@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl
 import msgspec
 
 from llamabox.api.errors import APIError
+from llamabox.types import InvalidRequestError
 
 __all__ = [
     "ClientDisconnected",
@@ -72,13 +73,17 @@ class Request:
         return dict(parse_qsl(self.query_string.decode("latin-1")))
 
     def decode(self, decoder: msgspec.json.Decoder[T]) -> T:
-        """The body decoded as JSON into ``decoder``'s type; msgspec errors map to 400."""
+        """The body decoded as JSON into ``decoder``'s type. A body that is not JSON gets our
+        own message (400); a shape or range error is msgspec's ValidationError (400, the
+        field named)."""
         try:
             return decoder.decode(self.body)
-        except UnicodeDecodeError:  # msgspec's error for invalid UTF-8 in a string
-            raise msgspec.DecodeError("the body is not valid UTF-8") from None
+        except msgspec.ValidationError:
+            raise
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:
+            raise InvalidRequestError(_not_json(self.body, e)) from None
         except RecursionError:
-            raise msgspec.DecodeError("JSON nested too deeply") from None
+            raise InvalidRequestError("the request body is JSON nested too deeply") from None
 
 
 class Response:
@@ -112,6 +117,17 @@ class StreamResponse:
         self.status = 200
         self.content_type = content_type
         self.headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
+
+
+def _not_json(body: bytes, error: Exception) -> str:
+    """Why ``body`` did not decode, in our words (msgspec's own wording changes by release)."""
+    if not body.strip():
+        return "the request body is empty: a JSON object is expected"
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"the request body is not valid UTF-8 (byte {e.start})"
+    return f"the request body is not valid JSON ({error})"
 
 
 def json_response(obj: Any, status: int = 200) -> Response:

@@ -34,7 +34,6 @@ from llamabox.api.serving import (
     Collected,
     Prompt,
     collect_all,
-    fan_out,
     generate_template,
     infill_tokens,
     max_tokens_from,
@@ -107,7 +106,7 @@ async def slots(req: Request, state: AppState) -> Response:
 
 async def tokenize(req: Request, state: AppState) -> Response:
     body = req.decode(_tokenize_request)
-    tokens = state.engine.tokenize(body.content, body.add_special, body.parse_special)
+    tokens = await state.engine.tokenize(body.content, body.add_special, body.parse_special)
     if not body.with_pieces:
         return json_response(TokenizeResponse(tokens))
     pieces = state.engine.token_pieces(tokens)
@@ -125,15 +124,16 @@ def _piece(piece: bytes) -> str | list[int]:
 
 async def detokenize(req: Request, state: AppState) -> Response:
     body = req.decode(_detokenize_request)
-    return json_response(DetokenizeResponse(state.engine.detokenize(body.tokens)))
+    return json_response(DetokenizeResponse(await state.engine.detokenize(body.tokens)))
 
 
 async def apply_template(req: Request, state: AppState) -> Response:
     body = req.decode(_template_request)
-    return json_response(ApplyTemplateResponse(render_chat(state, message_dicts(body.messages))))
+    prompt = await render_chat(state, message_dicts(body.messages))
+    return json_response(ApplyTemplateResponse(prompt))
 
 
-def _prompt(state: AppState, prompt: str | list[str | int]) -> Prompt:
+async def _prompt(state: AppState, prompt: str | list[str | int]) -> Prompt:
     """Text, or tokens with text pieces spliced in (only the first piece gets a BOS)."""
     if isinstance(prompt, str):
         return prompt
@@ -142,13 +142,13 @@ def _prompt(state: AppState, prompt: str | list[str | int]) -> Prompt:
         if isinstance(piece, int):
             tokens.append(piece)
         else:
-            tokens += state.engine.tokenize(piece, add_special=i == 0, parse_special=True)
+            tokens += await state.engine.tokenize(piece, add_special=i == 0, parse_special=True)
     return tokens
 
 
 async def completion(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_completion_request)
-    return await _generate(req, state, body, _prompt(state, body.prompt))
+    return await _generate(req, state, body, await _prompt(state, body.prompt))
 
 
 async def infill(req: Request, state: AppState) -> Response | StreamResponse:
@@ -158,21 +158,21 @@ async def infill(req: Request, state: AppState) -> Response | StreamResponse:
     if not isinstance(body.prompt, str):
         raise InvalidRequestError("infill takes the prompt as text", param="prompt")
     extra = "".join(f"{e.filename}\n{e.text}\n" for e in body.input_extra)
-    tokens = infill_tokens(state, body.input_prefix, body.input_suffix, body.prompt, extra)
+    tokens = await infill_tokens(state, body.input_prefix, body.input_suffix, body.prompt, extra)
     return await _generate(req, state, body, tokens)
 
 
 async def _generate(
     req: Request, state: AppState, body: NativeCompletionRequest, prompt: Prompt
 ) -> Response | StreamResponse:
-    template = generate_template(
+    template = await generate_template(
         state,
         body,
         req.request_id,
-        max_tokens=max_tokens_from(body.n_predict, body.max_tokens),
+        max_tokens=max_tokens_from(("n_predict", body.n_predict), ("max_tokens", body.max_tokens)),
         n_probs=body.n_probs,
     )
-    streams = submit(state, fan_out([prompt], 1, template))
+    streams = await submit(state, [prompt], template)
     view = _View(state, body.return_tokens, template.sampling.logprobs)
     if body.stream:
         return StreamResponse(sse.stream(_events(view, streams[0]), done=False), sse.CONTENT_TYPE)

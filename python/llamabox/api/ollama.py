@@ -39,6 +39,7 @@ from llamabox.api.serving import (
     collect_all,
     embed,
     infill_tokens,
+    max_tokens_from,
     overlay,
     raw_schema_text,
     render_chat,
@@ -88,9 +89,12 @@ def _request(
     fmt: msgspec.Raw,
 ) -> GenerateRequest:
     opts = options or OllamaOptions()
+    temperature = opts.temperature
+    if temperature is not None and temperature < 0:  # as llama.cpp: negative means greedy
+        temperature = 0.0
     sampling = overlay(
         state.config.sampling,
-        temperature=opts.temperature,
+        temperature=temperature,
         top_k=opts.top_k,
         top_p=opts.top_p,
         min_p=opts.min_p,
@@ -102,10 +106,9 @@ def _request(
         seed=opts.seed,
         json_schema=_format_schema(fmt),
     )
-    limit = opts.num_predict
     return GenerateRequest(
         prompt=prompt,
-        max_tokens=None if limit is None or limit < 0 else limit,
+        max_tokens=max_tokens_from(("options.num_predict", opts.num_predict)),
         stop=[s for s in opts.stop or [] if s],
         sampling=sampling,
         request_id=request_id,
@@ -137,7 +140,7 @@ async def _answer(
     state: AppState, request: GenerateRequest, stream: bool, line: LineMaker
 ) -> Response | StreamResponse:
     started = time.monotonic_ns()
-    streams = submit(state, [request])
+    streams = await submit(state, [request.prompt], request)
     if stream:
         return StreamResponse(_ndjson(_lines(streams[0], line, started)), NDJSON)
     [result] = await collect_all(streams)
@@ -189,7 +192,7 @@ async def generate(req: Request, state: AppState) -> Response | StreamResponse:
     line = _generate_line(state.model_name)
     prompt: Prompt
     if body.suffix:
-        prompt = infill_tokens(state, body.prompt, body.suffix)
+        prompt = await infill_tokens(state, body.prompt, body.suffix)
     elif not body.prompt:
         return _loaded(line)
     elif body.raw:
@@ -197,7 +200,7 @@ async def generate(req: Request, state: AppState) -> Response | StreamResponse:
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
         messages.append({"role": "user", "content": body.prompt})
-        prompt = render_chat(state, messages)
+        prompt = await render_chat(state, messages)
     request = _request(state, req.request_id, prompt, body.options, body.format)
     return await _answer(state, request, body.stream, line)
 
@@ -209,7 +212,8 @@ async def chat(req: Request, state: AppState) -> Response | StreamResponse:
         return _loaded(line)
     for i, m in enumerate(body.messages):
         _no_images(m.images, f"messages[{i}].images")
-    prompt = render_chat(state, [{"role": m.role, "content": m.content} for m in body.messages])
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    prompt = await render_chat(state, messages)
     request = _request(state, req.request_id, prompt, body.options, body.format)
     return await _answer(state, request, body.stream, line)
 
@@ -222,7 +226,7 @@ async def embed_(req: Request, state: AppState) -> Response:
     started = time.monotonic_ns()
     inputs: list[Prompt] = list(texts)
     if body.truncate:
-        inputs = _truncated(state, texts)
+        inputs = await _truncated(state, texts)
     results = await embed(state, inputs)
     return json_response(
         OllamaEmbedResponse(
@@ -235,12 +239,11 @@ async def embed_(req: Request, state: AppState) -> Response:
     )
 
 
-def _truncated(state: AppState, texts: list[str]) -> list[Prompt]:
-    """The texts, as tokens cut to what one input may have when one of them is longer: less
-    than the slot context, and no more than the physical batch (an input is embedded in one)."""
-    config = state.config.engine
-    most = min(state.engine.model_info.n_ctx_slot - 1, config.n_ubatch, config.n_batch)
-    tokens = [state.engine.tokenize(t) for t in texts]
+async def _truncated(state: AppState, texts: list[str]) -> list[Prompt]:
+    """The texts, as tokens cut to what one input may have (an input is embedded in one
+    batch), when one of them is longer."""
+    most = state.engine.model_info.n_embd_tokens_max
+    tokens = [await state.engine.tokenize(t, parse_special=False) for t in texts]
     if all(len(t) <= most for t in tokens):
         return list(texts)
     return [t[:most] for t in tokens]

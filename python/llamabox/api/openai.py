@@ -43,7 +43,6 @@ from llamabox.api.serving import (
     check_n,
     collect_all,
     embed,
-    fan_out,
     finish_reason,
     generate_template,
     infill_tokens,
@@ -127,16 +126,18 @@ def _chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
 async def chat_completions(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_chat_request)
     check_n(state, body.n)
-    prompt = render_chat(state, message_dicts(body.messages))
-    template = generate_template(
+    prompt = await render_chat(state, message_dicts(body.messages))
+    template = await generate_template(
         state,
         body,
         req.request_id,
-        max_tokens=max_tokens_from(body.max_completion_tokens, body.max_tokens),
+        max_tokens=max_tokens_from(
+            ("max_completion_tokens", body.max_completion_tokens), ("max_tokens", body.max_tokens)
+        ),
         logprobs=body.logprobs,
         n_probs=body.top_logprobs,
     )
-    streams = submit(state, fan_out([prompt], body.n, template))
+    streams = await submit(state, [prompt], template, body.n)
     stamp = _Stamp(state, "chatcmpl")
     with_logprobs = template.sampling.logprobs
     if body.stream:
@@ -222,36 +223,32 @@ class _Offsets:
         )
 
 
-def _completion_prompts(state: AppState, body: CompletionRequest) -> list[Prompt]:
+async def _completion_prompts(state: AppState, body: CompletionRequest) -> list[Prompt]:
     prompts = prompt_list(body.prompt)
     if body.suffix is None:
         return prompts
     if not all(isinstance(p, str) for p in prompts):
         raise InvalidRequestError("suffix needs a text prompt", param="suffix")
-    return [infill_tokens(state, p, body.suffix) for p in prompts if isinstance(p, str)]
+    return [await infill_tokens(state, p, body.suffix) for p in prompts if isinstance(p, str)]
 
 
 async def completions(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_completion_request)
     check_n(state, body.n)
-    prompts = _completion_prompts(state, body)
-    template = generate_template(
+    prompts = await _completion_prompts(state, body)
+    template = await generate_template(
         state,
         body,
         req.request_id,
-        max_tokens=max_tokens_from(body.max_tokens),
+        max_tokens=max_tokens_from(("max_tokens", body.max_tokens)),
         logprobs=body.logprobs is not None,
         n_probs=body.logprobs,
     )
-    streams = submit(state, fan_out(prompts, body.n, template))
+    streams = await submit(state, prompts, template, body.n)
     echoes = [""] * len(streams)
     if body.echo:
-        texts = prompt_list(body.prompt)
-        echoes = [
-            p if isinstance(p, str) else state.engine.detokenize(p)
-            for p in texts
-            for _ in range(body.n)
-        ]
+        texts = [p if isinstance(p, str) else await state.engine.detokenize(p) for p in prompts]
+        echoes = [text for text in texts for _ in range(body.n)]
     stamp = _Stamp(state, "cmpl")
     offsets = _Offsets([len(e) for e in echoes]) if template.sampling.logprobs else None
     if body.stream:
@@ -346,8 +343,9 @@ def routes() -> list[Route[AppState]]:
     out: list[Route[AppState]] = []
     for prefix in ("/v1", ""):
         out += [
-            Route("GET", f"{prefix}/models", list_models, needs_model=False),
-            Route("GET", f"{prefix}/models/{{model_id}}", get_model, needs_model=False),
+            # A listed model is one a client may use: 503 while it loads, as /health says.
+            Route("GET", f"{prefix}/models", list_models),
+            Route("GET", f"{prefix}/models/{{model_id}}", get_model),
             Route("POST", f"{prefix}/chat/completions", chat_completions, generates=True),
             Route("POST", f"{prefix}/completions", completions, generates=True),
             Route("POST", f"{prefix}/embeddings", embeddings, generates=True),

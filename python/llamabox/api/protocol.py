@@ -11,14 +11,30 @@ from typing import Annotated, Any, Literal
 
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 
-Temperature = Annotated[float, Meta(ge=0, le=2)]
+# The ranges every request is checked against at the edge. They also keep each value within
+# the native type it becomes (int32, int64, float32), so nothing overflows on its way to C++;
+# what only the engine knows (the vocabulary, the context) the engine checks.
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+Float32 = Annotated[float, Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+Temperature = Annotated[float, Meta(ge=0, le=2)]  # OpenAI's range
+NativeTemperature = Annotated[float, Meta(le=FLOAT32_MAX)]  # llama.cpp: <= 0 is greedy
 Probability = Annotated[float, Meta(ge=0, le=1)]
+TypicalP = Annotated[float, Meta(gt=0, le=1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
-MaxTokens = Annotated[int, Meta(ge=-1)]  # -1: until the context is full (llama.cpp)
+RepeatPenalty = Annotated[float, Meta(gt=0, le=FLOAT32_MAX)]
+RepeatLastN = Annotated[int, Meta(ge=-1, le=INT32_MAX)]  # -1: the whole context
+TopK = Annotated[int, Meta(ge=-INT32_MAX, le=INT32_MAX)]  # <= 0: off
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # < 0: random
+MaxTokens = Annotated[int, Meta(ge=-1, le=INT32_MAX)]  # -1: until the context is full
 TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
 NProbs = Annotated[int, Meta(ge=0, le=100)]
+STOP_MAX = 16  # stop strings per request
+StopString = Annotated[str, Meta(max_length=1024)]
+Stop = StopString | Annotated[list[StopString], Meta(max_length=STOP_MAX)]
 # OpenAI: {"token id": bias}; llama.cpp also [[token id or text, bias]]; false bans the token.
-LogitBias = dict[str, float | bool] | list[tuple[int | str, float | bool]]
+Bias = Float32 | bool
+LogitBias = dict[str, Bias] | list[tuple[int | str, Bias]]
 # A prompt or embedding input: text, texts, tokens, or token lists.
 PromptInput = str | list[str | int | list[int]]
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -79,14 +95,14 @@ class SamplingFields(Struct, kw_only=True):
 
     temperature: Temperature | None = None
     top_p: Probability | None = None
-    top_k: int | None = None
+    top_k: TopK | None = None
     min_p: Probability | None = None
-    typical_p: Probability | None = None
-    repeat_penalty: Annotated[float, Meta(ge=0)] | None = None
-    repeat_last_n: Annotated[int, Meta(ge=-1)] | None = None
+    typical_p: TypicalP | None = None
+    repeat_penalty: RepeatPenalty | None = None
+    repeat_last_n: RepeatLastN | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     logit_bias: LogitBias | None = None
     grammar: str | None = None
     json_schema: Raw = Raw()  # a schema object, or its JSON text as a string
@@ -94,7 +110,7 @@ class SamplingFields(Struct, kw_only=True):
     ignore_eos: bool | None = None
     n_probs: NProbs | None = None
     cache_prompt: bool | None = None
-    stop: str | list[str] | None = None
+    stop: Stop | None = None
 
 
 class OpenAIGenerationFields(SamplingFields, kw_only=True):
@@ -133,7 +149,7 @@ class NativeCompletionRequest(SamplingFields, kw_only=True):
     """llama.cpp's ``POST /completion``: prompt as text, or tokens mixed with text pieces."""
 
     prompt: str | list[str | int] = ""
-    temperature: float | None = None  # llama.cpp takes any value; <= 0 is greedy
+    temperature: NativeTemperature | None = None
     n_predict: MaxTokens | None = None
     max_tokens: MaxTokens | None = None  # alias of n_predict
     stream: bool = False

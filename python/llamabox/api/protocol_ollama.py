@@ -2,26 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from msgspec import UNSET, Raw, Struct, UnsetType
+from msgspec import UNSET, Meta, Raw, Struct, UnsetType
+
+from llamabox.api.protocol import (
+    INT32_MAX,
+    STOP_MAX,
+    Float32,
+    NativeTemperature,
+    Probability,
+    RepeatLastN,
+    RepeatPenalty,
+    Seed,
+    StopString,
+    TopK,
+    TypicalP,
+)
+
+# -1: no limit, -2: fill the context; 0 is refused (Ollama would answer nothing)
+NumPredict = Annotated[int, Meta(ge=-2, le=INT32_MAX)]
 
 
 class OllamaOptions(Struct, kw_only=True):
     """The subset of Ollama's model options that maps onto our sampling; others are ignored."""
 
-    num_predict: int | None = None  # -1: no limit, -2: fill the context
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
-    repeat_penalty: float | None = None
-    repeat_last_n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
+    num_predict: NumPredict | None = None
+    temperature: NativeTemperature | None = None
+    top_k: TopK | None = None
+    top_p: Probability | None = None
+    min_p: Probability | None = None
+    typical_p: TypicalP | None = None
+    repeat_penalty: RepeatPenalty | None = None
+    repeat_last_n: RepeatLastN | None = None
+    presence_penalty: Float32 | None = None
+    frequency_penalty: Float32 | None = None
+    seed: Seed | None = None
+    stop: Annotated[list[StopString], Meta(max_length=STOP_MAX)] | None = None
 
 
 class OllamaGenerateRequest(Struct, kw_only=True):

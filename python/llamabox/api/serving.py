@@ -46,18 +46,22 @@ ANY_JSON_OBJECT = '{"type": "object"}'
 
 
 def message_dicts(messages: Iterable[ChatMessage]) -> list[dict[str, Any]]:
-    """OpenAI messages as the engine's template renderer takes them (text parts only)."""
+    """OpenAI messages as the engine's template renderer takes them: text content, the text
+    parts of a message joined by newlines."""
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         entry = msgspec.to_builtins(message)
         content = message.content
         if isinstance(content, list):
+            texts = []
             for j, part in enumerate(content):
                 if not isinstance(part, TextPart):
                     raise InvalidRequestError(
                         "image input needs a multimodal projector (--mmproj), not loaded",
                         param=f"messages[{i}].content[{j}]",
                     )
+                texts.append(part.text)
+            entry["content"] = "\n".join(texts)
         elif content is None:
             entry["content"] = ""
         if message.role == "developer":  # templates know "system"
@@ -66,9 +70,9 @@ def message_dicts(messages: Iterable[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def render_chat(state: AppState, messages: list[dict[str, Any]]) -> str:
+async def render_chat(state: AppState, messages: list[dict[str, Any]]) -> str:
     """The chat prompt (the engine leaves out a BOS text that tokenizing adds anyway)."""
-    return state.engine.apply_chat_template(messages, add_generation_prompt=True)
+    return await state.engine.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def prompt_list(value: PromptInput, param: str = "prompt") -> list[Prompt]:
@@ -92,7 +96,7 @@ def prompt_list(value: PromptInput, param: str = "prompt") -> list[Prompt]:
     )
 
 
-def infill_tokens(
+async def infill_tokens(
     state: AppState, prefix: str, suffix: str, middle: str = "", extra: str = ""
 ) -> list[int]:
     """Fill-in-the-middle prompt: [BOS] extra PRE prefix SUF suffix MID middle."""
@@ -101,20 +105,34 @@ def infill_tokens(
         raise APIError(400, "Infill is not supported by this model: it has no FIM tokens")
     tok_pre, tok_suf, tok_mid = fim
 
-    def text(s: str) -> list[int]:
-        return state.engine.tokenize(s, add_special=False, parse_special=False)
+    async def text(s: str) -> list[int]:
+        return await state.engine.tokenize(s, add_special=False, parse_special=False)
 
-    bos = state.engine.tokenize("", add_special=True, parse_special=False)  # if the model has one
-    tokens = [*bos, *text(extra), tok_pre, *text(prefix), tok_suf, *text(suffix)]
-    return [*tokens, tok_mid, *text(middle)]
-
-
-def overlay(defaults: SamplingParams, **given: Any) -> SamplingParams:
-    """``defaults`` with every field that ``given`` sets to something other than None."""
-    return msgspec.structs.replace(defaults, **{k: v for k, v in given.items() if v is not None})
+    bos = await state.engine.tokenize("", add_special=True, parse_special=False)  # if any
+    tokens = [*bos, *await text(extra), tok_pre, *await text(prefix), tok_suf]
+    return [*tokens, *await text(suffix), tok_mid, *await text(middle)]
 
 
-def sampling_from(
+def overlay(
+    defaults: SamplingParams,
+    *,
+    grammar: str | None = None,
+    json_schema: str | None = None,
+    **given: Any,
+) -> SamplingParams:
+    """``defaults`` with every field that ``given`` sets to something other than None.
+
+    A request's own output constraint (a grammar or a JSON schema) replaces the server's
+    default constraint, whichever kind either is.
+    """
+    fields = {k: v for k, v in given.items() if v is not None}
+    if grammar is not None or json_schema is not None:
+        fields["grammar"] = grammar
+        fields["json_schema"] = json_schema
+    return msgspec.structs.replace(defaults, **fields)
+
+
+async def sampling_from(
     state: AppState, fields: SamplingFields, *, logprobs: bool = False, n_probs: int | None = None
 ) -> SamplingParams:
     """The request's sampling over the server's defaults (``config.sampling``)."""
@@ -137,7 +155,7 @@ def sampling_from(
         ignore_eos=fields.ignore_eos,
         grammar=fields.grammar,
         json_schema=json_schema_text(fields),
-        logit_bias=logit_bias(state, fields.logit_bias) if fields.logit_bias else None,
+        logit_bias=await logit_bias(state, fields.logit_bias) if fields.logit_bias else None,
         logprobs=True if (logprobs or n_top) else None,
         n_probs=n_top,
     )
@@ -186,10 +204,11 @@ def raw_schema_text(schema: msgspec.Raw, param: str) -> str | None:
 _TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII only: str.isdigit() also takes "²", int() not
 
 
-def logit_bias(state: AppState, given: Any) -> dict[int, float]:
+async def logit_bias(state: AppState, given: Any) -> dict[int, float]:
     """Token id -> bias from OpenAI's ``{"id": bias}`` or llama.cpp's ``[[id or text, bias]]``.
 
-    Text keys bias every token of their tokenization; a bias of ``false`` bans the token.
+    Text keys bias every token of their tokenization; a bias of ``false`` bans the token. Ids
+    outside the vocabulary are the engine's to refuse.
     """
     pairs = given.items() if isinstance(given, dict) else given
     out: dict[int, float] = {}
@@ -200,12 +219,8 @@ def logit_bias(state: AppState, given: Any) -> dict[int, float]:
         if isinstance(key, int) or (isinstance(key, str) and _TOKEN_ID.fullmatch(key)):
             out[int(key)] = bias
         else:
-            for token in state.engine.tokenize(key, add_special=False, parse_special=False):
+            for token in await state.engine.tokenize(key, add_special=False, parse_special=False):
                 out[token] = bias
-    n_vocab = state.engine.model_info.n_vocab
-    bad = [token for token in out if not 0 <= token < n_vocab]
-    if bad:
-        raise InvalidRequestError(f"logit_bias: token id {bad[0]} is out of range", "logit_bias")
     return out
 
 
@@ -217,10 +232,13 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return [s for s in stop if s]
 
 
-def max_tokens_from(*values: int | None) -> int | None:
-    """The first limit given; -1 (or none given) leaves it to the server's default."""
-    for value in values:
+def max_tokens_from(*given: tuple[str, int | None]) -> int | None:
+    """The first limit given, as ``(field, value)`` pairs; -1 (or none given) leaves it to the
+    server's default. 0 is refused, as OpenAI does."""
+    for param, value in given:
         if value is not None:
+            if value == 0:
+                raise InvalidRequestError(f"{param} must be at least 1 (or -1: no limit)", param)
             return None if value < 0 else value
     return None
 
@@ -231,7 +249,7 @@ def check_n(state: AppState, n: int) -> None:
         raise InvalidRequestError(f"n must be between 1 and {n_slots} (the slots)", param="n")
 
 
-def generate_template(
+async def generate_template(
     state: AppState,
     fields: SamplingFields,
     request_id: str,
@@ -245,26 +263,10 @@ def generate_template(
         prompt="",
         max_tokens=max_tokens,
         stop=stop_list(fields.stop),
-        sampling=sampling_from(state, fields, logprobs=logprobs, n_probs=n_probs),
+        sampling=await sampling_from(state, fields, logprobs=logprobs, n_probs=n_probs),
         cache_prompt=fields.cache_prompt is not False,
         request_id=request_id,
     )
-
-
-def fan_out(prompts: Sequence[Prompt], n: int, template: GenerateRequest) -> list[GenerateRequest]:
-    """``n`` requests per prompt; with a seed, choice j samples with seed + j (distinct).
-
-    A negative seed (random) stays as it is; seed + j wraps around within int64.
-    """
-    seed = template.sampling.seed
-    out: list[GenerateRequest] = []
-    for prompt in prompts:
-        for j in range(n):
-            sampling = template.sampling
-            if seed is not None and seed >= 0 and j:
-                sampling = msgspec.structs.replace(sampling, seed=(seed + j) % 2**63)
-            out.append(msgspec.structs.replace(template, prompt=prompt, sampling=sampling))
-    return out
 
 
 def check_batch(state: AppState, n_requests: int, param: str) -> None:
@@ -280,13 +282,18 @@ def check_batch(state: AppState, n_requests: int, param: str) -> None:
         )
 
 
-def submit(state: AppState, requests: list[GenerateRequest]) -> list[RequestStreamLike]:
-    """Submit all or none: a rejection cancels the ones already submitted, then propagates."""
-    check_batch(state, len(requests), "prompt")
+async def submit(
+    state: AppState, prompts: Sequence[Prompt], template: GenerateRequest, n: int = 1
+) -> list[RequestStreamLike]:
+    """``n`` choices of each prompt (each prompt tokenized once; with a seed, choice j samples
+    with seed + j). All or none: a rejection cancels the ones already submitted, then
+    propagates."""
+    check_batch(state, len(prompts) * n, "prompt")
     streams: list[RequestStreamLike] = []
     try:
-        for request in requests:
-            streams.append(state.engine.generate(request))
+        for prompt in prompts:
+            request = msgspec.structs.replace(template, prompt=prompt)
+            streams += await state.engine.generate_choices(request, n)
     except BaseException:
         for stream in streams:
             stream.cancel()

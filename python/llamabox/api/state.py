@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,19 +57,21 @@ class EngineLike(Protocol):
 
     async def stop(self) -> None: ...
 
-    def generate(self, request: GenerateRequest) -> RequestStreamLike: ...
+    async def generate_choices(
+        self, request: GenerateRequest, n: int
+    ) -> Sequence[RequestStreamLike]: ...
 
     async def embed(self, inputs: list[str] | list[list[int]]) -> list[EmbeddingResult]: ...
 
-    def tokenize(
+    async def tokenize(
         self, text: str, add_special: bool = True, parse_special: bool = True
     ) -> list[int]: ...
 
-    def detokenize(self, tokens: list[int]) -> str: ...
+    async def detokenize(self, tokens: list[int]) -> str: ...
 
     def token_pieces(self, tokens: list[int]) -> list[bytes]: ...
 
-    def apply_chat_template(
+    async def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str: ...
 
