@@ -1,104 +1,135 @@
-"""An in-process stand-in for ``llamabox.engine.Engine`` and helpers to drive the ASGI app.
+"""A replaying stand-in for ``llamabox.engine.Engine`` and helpers to drive the ASGI app.
 
-The fake has the real engine's interface and error behaviour (validation and queue errors
-raised by ``generate`` before any await, a GenerationError mid-stream on request, cancellation
-freeing the slot) with a character-level tokenizer and a scripted reply, so wire-level tests
-need no model.
+The fake implements ``EngineLike`` and knows nothing about text generation: each stream replays
+a script (a list of ``GenerationOutput``, possibly with an exception in it) exactly as given.
+It applies no stop strings, no token limits, no context or range checks, no normalization and
+no chat template: whatever a unit test sees on the wire was put together by the serving layer
+from the script. What the engine itself does is tested against the real one (tests/integration).
+
+What a test can set or read:
+
+* ``engine.outputs``: the default script of every stream (``reply("Hello world!")``);
+  ``engine.next_outputs``: scripts for the next streams, one per stream, in order.
+* ``engine.fail_next(method, exc, after=0)``: the next call (after ``after`` that succeed) of
+  ``generate_choices``, ``embed``, ``tokenize``, ``detokenize`` or ``apply_chat_template``
+  raises ``exc``. A script may hold an exception too: raised mid-stream (``failing(...)``).
+* ``engine.hold(n)``: ``n`` busy streams, as if other clients held slots; ``cancel()`` frees.
+* ``engine.pieces``: token id -> bytes for ``token_pieces`` and ``detokenize`` where the
+  character tokenizer's own are not wanted (BOS is ``<s>``).
+* ``engine.calls``: every ``(GenerateRequest, n)`` given to ``generate_choices``;
+  ``engine.templated``: every messages list given to ``apply_chat_template``;
+  ``engine.embed_inputs``: every input list given to ``embed``; ``engine.streams``: all streams.
+* ``engine.embeddings``: the results ``embed`` answers (default: one fixed vector per input).
+* ``token_delay`` (seconds before each output), ``load_delay`` / ``load_error`` (``start``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import copy
+import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
 from llamabox.api.app import LlamaboxApp, create_app
 from llamabox.config import ServerConfig
 from llamabox.types import (
-    ContextLengthError,
     EmbeddingResult,
     EngineConfig,
     EngineStats,
-    EngineStoppedError,
     FinishReason,
     GenerateRequest,
-    GenerationError,
     GenerationOutput,
-    InvalidRequestError,
     ModelInfo,
     ModelLoadError,
-    QueueFullError,
     SlotInfo,
     TokenLogprob,
     TopLogprob,
     Usage,
 )
 
-BOS, EOS, UNK, FIM_PRE, FIM_SUF, FIM_MID = 1, 2, 3, 4, 5, 6
-OFFSET = 16  # token id of a character = its code point + OFFSET
-N_VOCAB = 65536
-BOS_TEXT = "<s>"
+BOS, EOS, FIM_PRE, FIM_SUF, FIM_MID = 1, 2, 4, 5, 6
+OFFSET = 16  # the fake tokenizer: token id of a character = its code point + OFFSET
+N_CTX_SLOT = 256
+N_EMBD_TOKENS_MAX = 512
+PROMPT_TOKENS = 7  # what the default script reports, whatever the prompt
+PROMPT_MS, GENERATION_MS = 2.0, 4.0
+TEMPLATE_MARK = "<chat>"
+
+Script = list[GenerationOutput | BaseException]
+
+
+def tok(text: str) -> list[int]:
+    """The fake tokenizer's ids of ``text`` (no BOS)."""
+    return [ord(c) + OFFSET for c in text]
+
+
+def rendered(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    """What the fake's ``apply_chat_template`` answers: a marker and the messages as JSON."""
+    return TEMPLATE_MARK + json.dumps(messages) + ("<gen>" if add_generation_prompt else "")
+
+
+def logprob(ch: str, n_top: int = 0) -> TokenLogprob:
+    """A made-up log-probability entry for one character: -0.5, alternatives a, b, ... at -1,
+    -2, ..."""
+    top = [
+        TopLogprob(ord(c) + OFFSET, c.encode(), -1.0 - i) for i, c in enumerate("abcdef"[:n_top])
+    ]
+    return TokenLogprob(ord(ch) + OFFSET, ch.encode(), -0.5, top)
+
+
+def reply(
+    text: str = "Hello world!",
+    finish: FinishReason = "stop",
+    *,
+    stop_word: str | None = None,
+    prompt_tokens: int = PROMPT_TOKENS,
+    cached_tokens: int = 0,
+    completion_tokens: int | None = None,
+    n_top: int | None = None,
+    drafted: int = 0,
+    accepted: int = 0,
+) -> Script:
+    """``text`` one character (one token, id = code point + OFFSET) per output, then the last
+    output with ``finish``, ``stop_word`` and the usage (completion tokens: one per character
+    unless given). With ``n_top``, each character has a log-probability entry."""
+    outputs: Script = []
+    for ch in text:
+        out = GenerationOutput(text=ch, token_ids=[ord(ch) + OFFSET])
+        if n_top is not None:
+            out.logprobs = [logprob(ch, n_top)]
+        outputs.append(out)
+    usage = Usage(
+        prompt_tokens=prompt_tokens,
+        cached_tokens=cached_tokens,
+        completion_tokens=len(text) if completion_tokens is None else completion_tokens,
+        prompt_ms=PROMPT_MS,
+        generation_ms=GENERATION_MS,
+        drafted_tokens=drafted,
+        accepted_tokens=accepted,
+    )
+    outputs.append(GenerationOutput(finish_reason=finish, stop_word=stop_word, usage=usage))
+    return outputs
+
+
+def failing(text: str, error: BaseException) -> Script:
+    """``text`` one character per output, then ``error`` raised instead of a last output."""
+    return [*reply(text)[:-1], error]
 
 
 class FakeStream:
-    """Yields the engine's reply one character (token) per output."""
+    """Replays its script; ``cancel()`` before the end marks it cancelled and frees its slot."""
 
-    def __init__(self, engine: FakeEngine, request: GenerateRequest, tokens: list[int]) -> None:
+    def __init__(self, engine: FakeEngine, request: GenerateRequest, script: Script) -> None:
         self.engine = engine
         self.request = request
-        self.prompt_tokens = tokens
-        self.cancelled = False
+        self.script = list(script)
+        self.cancelled = False  # cancelled before the script ended
         self.finished = False
-        self.n_yielded = 0
-        self._outputs = self._script()
-
-    def _script(self) -> list[GenerationOutput]:
-        engine = self.engine
-        reply = engine.reply
-        stop_word = None
-        for stop in self.request.stop:
-            at = reply.find(stop)
-            if at >= 0 and (stop_word is None or at < reply.find(stop_word)):
-                stop_word = stop
-        if stop_word is not None:
-            reply = reply[: reply.find(stop_word)]
-        finish: FinishReason = "stop"
-        limit = self.request.max_tokens
-        if limit is None and engine.config.n_predict >= 0:
-            limit = engine.config.n_predict
-        if limit is not None and len(reply) > limit:
-            reply, finish, stop_word = reply[:limit], "length", None
-        sampling = self.request.sampling
-        outputs = []
-        for ch in reply:
-            out = GenerationOutput(text=ch, token_ids=[ord(ch) + OFFSET])
-            if sampling.logprobs:
-                top = [
-                    TopLogprob(ord(c) + OFFSET, c.encode(), -1.0 - i)
-                    for i, c in enumerate("abcdefghijklmnopqrstuvwxyz"[: sampling.n_probs])
-                ]
-                out.logprobs = [TokenLogprob(ord(ch) + OFFSET, ch.encode(), -0.5, top)]
-            outputs.append(out)
-        cached = 0
-        if self.request.cache_prompt:
-            for a, b in zip(engine.last_prompt, self.prompt_tokens, strict=False):
-                if a != b:
-                    break
-                cached += 1
-        engine.last_prompt = self.prompt_tokens
-        usage = Usage(
-            prompt_tokens=len(self.prompt_tokens),
-            cached_tokens=cached,
-            completion_tokens=len(reply),
-            prompt_ms=2.0,
-            generation_ms=4.0,
-        )
-        last = GenerationOutput(finish_reason=finish, stop_word=stop_word, usage=usage)
-        return [*outputs, last]
+        self.n_read = 0
 
     def __aiter__(self) -> FakeStream:
         return self
@@ -106,20 +137,20 @@ class FakeStream:
     async def __anext__(self) -> GenerationOutput:
         if self.cancelled or self.finished:
             raise StopAsyncIteration
-        if self.engine.token_delay:
-            await asyncio.sleep(self.engine.token_delay)
-        else:
-            await asyncio.sleep(0)
+        await asyncio.sleep(self.engine.token_delay)
         if self.cancelled:
             raise StopAsyncIteration
-        if self.engine.fail_after is not None and self.n_yielded >= self.engine.fail_after:
+        if not self.script:
             self._free()
-            raise GenerationError("decode failed")
-        out = self._outputs.pop(0)
-        self.n_yielded += 1
-        if out.finish_reason is not None:
+            raise StopAsyncIteration
+        item = self.script.pop(0)
+        self.n_read += 1
+        if isinstance(item, BaseException):
             self._free()
-        return out
+            raise item
+        if item.finish_reason is not None or not self.script:
+            self._free()
+        return item
 
     def _free(self) -> None:
         self.finished = True
@@ -127,11 +158,20 @@ class FakeStream:
             self.engine.active.remove(self)
 
     def cancel(self) -> None:
-        self.cancelled = True
-        self._free()
+        if not self.finished:
+            self.cancelled = True
+            self._free()
 
     async def aclose(self) -> None:
         self.cancel()
+
+
+class Call(NamedTuple):
+    request: GenerateRequest
+    n: int
+
+
+_FAILABLE = ("generate_choices", "embed", "tokenize", "detokenize", "apply_chat_template")
 
 
 class FakeEngine:
@@ -139,26 +179,55 @@ class FakeEngine:
         self,
         config: EngineConfig | None = None,
         *,
-        reply: str = "Hello world!",
+        outputs: Script | None = None,
         has_fim: bool = True,
         load_delay: float = 0.0,
         load_error: str | None = None,
-        n_ctx_slot: int = 256,
     ) -> None:
         self.config = config or EngineConfig(model="/models/fake-model.gguf", n_parallel=4)
-        self.reply = reply
+        self.outputs: Script = reply() if outputs is None else outputs
+        self.next_outputs: list[Script] = []
         self.has_fim = has_fim
         self.load_delay = load_delay
         self.load_error = load_error
-        self.n_ctx_slot = n_ctx_slot
         self.token_delay = 0.0
-        self.fail_after: int | None = None
         self.loaded = False
         self.stopped = False
-        self.requests: list[GenerateRequest] = []
+        self.calls: list[Call] = []
+        self.templated: list[list[dict[str, Any]]] = []
+        self.embed_inputs: list[list[Any]] = []
+        self.embeddings: list[EmbeddingResult] | None = None
+        self.pieces: dict[int, bytes] = {BOS: b"<s>", EOS: b"</s>"}
+        self.streams: list[FakeStream] = []
         self.active: list[FakeStream] = []
-        self.embed_inputs: list[Any] = []
-        self.last_prompt: list[int] = []
+        self._failures: dict[str, list[BaseException | None]] = {name: [] for name in _FAILABLE}
+
+    # ---- what a test scripts and reads ----
+
+    def fail_next(self, method: str, error: BaseException, *, after: int = 0) -> None:
+        """The next call of ``method`` (after ``after`` more that succeed) raises ``error``.
+        Queued: each call takes one entry. A failed call is not recorded."""
+        self._failures[method] += [None] * after + [error]
+
+    def _maybe_fail(self, method: str) -> None:
+        if self._failures[method]:
+            error = self._failures[method].pop(0)
+            if error is not None:
+                raise error
+
+    @property
+    def requests(self) -> list[GenerateRequest]:
+        return [call.request for call in self.calls]
+
+    def hold(self, n: int, request_id: str | None = None) -> list[FakeStream]:
+        """``n`` streams busy until cancelled, as if other clients had taken ``n`` slots (not
+        recorded in ``calls``; never read)."""
+        request = GenerateRequest(prompt="held", request_id=request_id)
+        streams = [FakeStream(self, request, []) for _ in range(n)]
+        self.active += streams
+        return streams
+
+    # ---- EngineLike ----
 
     @property
     def is_loaded(self) -> bool:
@@ -184,105 +253,73 @@ class FakeEngine:
             architecture="llama",
             n_params=1_000_000,
             size_bytes=123_456,
-            n_vocab=N_VOCAB,
+            n_vocab=65536,
             n_ctx_train=2048,
-            n_embd=8,
-            n_ctx=self.n_ctx_slot * self.config.n_parallel,
-            n_ctx_slot=self.n_ctx_slot,
+            n_embd=4,
+            n_ctx=N_CTX_SLOT * self.config.n_parallel,
+            n_ctx_slot=N_CTX_SLOT,
             chat_template="{{ fake }}",
             has_fim=self.has_fim,
-            bos_token=BOS_TEXT,
+            bos_token="<s>",
             eos_token="</s>",
+            embeddings=self.config.embeddings,
+            n_embd_tokens_max=N_EMBD_TOKENS_MAX,
         )
 
-    def _require(self) -> None:
-        if not self.loaded:
-            raise EngineStoppedError("the engine is not running")
+    async def generate_choices(self, request: GenerateRequest, n: int) -> list[FakeStream]:
+        self._maybe_fail("generate_choices")
+        self.calls.append(Call(request, n))
+        streams = []
+        for _ in range(n):
+            script = self.next_outputs.pop(0) if self.next_outputs else self.outputs
+            copied = [x if isinstance(x, BaseException) else copy.deepcopy(x) for x in script]
+            streams.append(FakeStream(self, request, copied))
+        self.streams += streams
+        self.active += streams
+        return streams
 
-    def generate(self, request: GenerateRequest) -> FakeStream:
-        self._require()
-        tokens = (
-            self.tokenize(request.prompt, request.add_special, request.parse_special)
-            if isinstance(request.prompt, str)
-            else list(request.prompt)
-        )
-        if not tokens:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        if len(tokens) >= self.n_ctx_slot:
-            raise ContextLengthError(len(tokens), self.n_ctx_slot)
-        if request.max_tokens is not None and request.max_tokens < 1:
-            raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
-        if len(self.active) >= self.config.n_parallel + self.config.n_queue_max:
-            raise QueueFullError("queue full")
-        self.requests.append(request)
-        stream = FakeStream(self, request, tokens)
-        self.active.append(stream)
+    async def generate(self, request: GenerateRequest) -> FakeStream:
+        [stream] = await self.generate_choices(request, 1)
         return stream
 
     async def embed(self, inputs: Sequence[str] | Sequence[list[int]]) -> list[EmbeddingResult]:
-        self._require()
-        if not self.config.embeddings:
-            raise InvalidRequestError("no embeddings")
+        self._maybe_fail("embed")
         self.embed_inputs.append(list(inputs))
-        out = []
-        for item in inputs:
-            tokens = self.tokenize(item) if isinstance(item, str) else item
-            raw = [float((sum(tokens) * (i + 1)) % 7 + 1) for i in range(8)]
-            norm = math.sqrt(sum(x * x for x in raw))
-            vector = [x / norm for x in raw]  # normalized, like the real engine
-            if self.config.pooling == "none":
-                out.append(EmbeddingResult([vector for _ in tokens], len(tokens)))
-            else:
-                out.append(EmbeddingResult(vector, len(tokens)))
-        return out
+        if self.embeddings is not None:
+            return copy.deepcopy(self.embeddings)
+        return [EmbeddingResult([float(i), 0.5, -0.25, 2.0], len(x)) for i, x in enumerate(inputs)]
 
-    def tokenize(
+    async def tokenize(
         self, text: str, add_special: bool = True, parse_special: bool = True
     ) -> list[int]:
-        self._require()
-        if parse_special and text.startswith(BOS_TEXT):
-            text = text[len(BOS_TEXT) :]
-            add_special = True
-        ids = [ord(c) + OFFSET if ord(c) + OFFSET < N_VOCAB else UNK for c in text]
-        return [BOS, *ids] if add_special else ids
+        self._maybe_fail("tokenize")
+        return [BOS, *tok(text)] if add_special else tok(text)
 
     def _piece(self, token: int) -> bytes:
-        if not 0 <= token < N_VOCAB:
-            raise InvalidRequestError(f"token {token} out of range", param="tokens")
-        if token == BOS:
-            return BOS_TEXT.encode()
+        if token in self.pieces:
+            return self.pieces[token]
         if token < OFFSET:
-            return b"\xff" if token == UNK else b""
+            return b""
         return chr(token - OFFSET).encode("utf-8", "surrogatepass")
 
-    def detokenize(self, tokens: list[int]) -> str:
-        self._require()
+    async def detokenize(self, tokens: list[int]) -> str:
+        self._maybe_fail("detokenize")
         return b"".join(self._piece(t) for t in tokens).decode("utf-8", "replace")
 
     def token_pieces(self, tokens: list[int]) -> list[bytes]:
-        self._require()
         return [self._piece(t) for t in tokens]
 
-    def apply_chat_template(
+    async def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:
-        self._require()
-        parts = []  # like the real engine: no BOS text, tokenizing adds the BOS token
-        for m in messages:
-            content = m.get("content")
-            if isinstance(content, list):
-                content = "\n".join(p["text"] for p in content)
-            parts.append(f"<|{m['role']}|>{content}\n")
-        if add_generation_prompt:
-            parts.append("<|assistant|>")
-        return "".join(parts)
+        self._maybe_fail("apply_chat_template")
+        self.templated.append(copy.deepcopy(messages))
+        return rendered(messages, add_generation_prompt)
 
     def fim_tokens(self) -> tuple[int, int, int] | None:
-        self._require()
         return (FIM_PRE, FIM_SUF, FIM_MID) if self.has_fim else None
 
     def stats(self) -> EngineStats:
-        self._require()
         n_slots = self.config.n_parallel
         busy = min(len(self.active), n_slots)
         return EngineStats(
@@ -295,19 +332,20 @@ class FakeEngine:
             t_prompt_ms_total=50.0,
             n_tokens_predicted_total=30,
             t_predicted_ms_total=300.0,
-            n_tokens_drafted_total=0,
-            n_tokens_drafted_accepted_total=0,
+            n_tokens_drafted_total=6,
+            n_tokens_drafted_accepted_total=4,
             n_decode_total=31,
-            n_requests_total=len(self.requests),
+            n_decode_failed_total=1,
+            n_requests_total=len(self.calls),
             slots=[
                 SlotInfo(
                     id=i,
                     state=1 if i < busy else 0,
-                    n_ctx=self.n_ctx_slot,
-                    n_cached=0,
+                    n_ctx=N_CTX_SLOT,
+                    n_cached=3 * i,
                     n_prompt=0,
                     n_decoded=0,
-                    request_id=None,
+                    request_id=self.active[i].request.request_id if i < busy else None,
                 )
                 for i in range(n_slots)
             ],
@@ -341,3 +379,9 @@ def sse_events(body: str) -> list[str]:
         assert "\n" not in event, event
         out.append(event[len("data: ") :])
     return out
+
+
+def ndjson(text: str) -> list[dict[str, Any]]:
+    """The objects of an NDJSON body, one a line, each line ended."""
+    assert text.endswith("\n"), text[-50:]
+    return [json.loads(line) for line in text[:-1].split("\n")]

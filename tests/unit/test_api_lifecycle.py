@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from tests.unit.fake_engine import FakeEngine, client, make_app
+from tests.unit.fake_engine import FakeEngine, client, make_app, reply
 
 pytestmark = pytest.mark.unit
 
@@ -54,7 +54,7 @@ class Call:
 
 
 def _slow_engine(n_chars: int = 200) -> FakeEngine:
-    engine = FakeEngine(reply="x" * n_chars)
+    engine = FakeEngine(outputs=reply("x" * n_chars))
     engine.token_delay = 0.01
     return engine
 
@@ -72,7 +72,9 @@ async def test_disconnect_cancels_the_request(stream: bool, n: int) -> None:
     call.hang_up.set()
     await asyncio.wait_for(call.task, 2)  # returns quietly
     assert all(s.cancelled for s in request_streams)
+    assert all(s.n_read < 100 for s in request_streams)  # stopped early, not read to the end
     assert not engine.active  # the slots are free
+    assert engine.stats().n_busy == 0
     assert not app._requests
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert not [t for t in tasks if "_next_or_none" in repr(t)]  # no read left pending
@@ -84,7 +86,19 @@ async def test_disconnect_on_ollama_stream() -> None:
     await asyncio.wait_for(call.first_body.wait(), 2)
     call.hang_up.set()
     await asyncio.wait_for(call.task, 2)
+    [stream] = engine.streams
+    assert stream.cancelled
     assert not engine.active
+
+
+async def test_completed_requests_are_not_cancelled_and_free_their_slots() -> None:
+    app, engine = make_app()
+    async with client(app) as c:
+        for body in (CHAT, {**CHAT, "stream": True}, {**CHAT, "n": 3}):
+            assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+    assert len(engine.streams) == 5
+    assert all(s.finished and not s.cancelled for s in engine.streams)
+    assert engine.stats().n_busy == 0
 
 
 async def test_shutdown_lets_requests_finish() -> None:
@@ -107,16 +121,23 @@ async def test_shutdown_cancels_requests_past_the_timeout() -> None:
     await asyncio.wait_for(call.first_body.wait(), 2)
     await asyncio.wait_for(app.shutdown(), 3)
     assert call.task.done() and not call.task.cancelled()
+    [stream] = engine.streams
+    assert stream.cancelled
     assert not engine.active and engine.stopped
 
 
 async def test_closing_refuses_new_generations() -> None:
-    app, _ = make_app()
+    app, engine = make_app()
     app.closing = True
     async with client(app) as c:
         r = await c.post("/v1/chat/completions", json=CHAT)
-        assert r.status_code == 503
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["message"] == "Server is shutting down"
+        r = await c.post("/api/generate", json={"prompt": "x"})
+        assert r.status_code == 503 and r.json() == {"error": "Server is shutting down"}
         assert (await c.get("/health")).status_code == 200
+        assert (await c.post("/tokenize", json={"content": "x"})).status_code == 200
+    assert not engine.calls
 
 
 async def test_lifespan_protocol() -> None:
