@@ -17,7 +17,7 @@ async def collect(
     engine: Engine, request: GenerateRequest
 ) -> tuple[list[GenerationOutput], GenerationOutput]:
     """All outputs of a request, and the last one (which carries finish_reason and usage)."""
-    outs = [o async for o in engine.generate(request)]
+    outs = [o async for o in await engine.generate(request)]
     return outs, outs[-1]
 
 

@@ -14,8 +14,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.asyncio(loo
 
 
 async def test_capital_of_france(gemma_engine: Engine) -> None:
+    # The exact greedy tokens depend on the CPU's kernels (" The capital of France is Paris."
+    # on one machine, " Paris\nQ: ..." on another, llama.cpp's own tools agreeing on each):
+    # what holds everywhere is that the answer names Paris.
     text = await text_of(gemma_engine, greedy("Q: What is the capital of France?\nA:", 12))
-    assert text.startswith(" The capital of France is Paris.")
+    assert "Paris" in text
 
 
 async def test_eiffel_tower(gemma_engine: Engine) -> None:
@@ -24,15 +27,21 @@ async def test_eiffel_tower(gemma_engine: Engine) -> None:
 
 
 async def test_stop_string_on_real_text(gemma_engine: Engine) -> None:
+    """A stop string cuts the text where it first appears, whatever this machine's text is."""
+    prompt = "Q: What is the capital of France?\nA:"
+    full = await text_of(gemma_engine, greedy(prompt, 40, ignore_eos=True))
+    words = [w for w in full.split() if len(w) >= 4]
+    assert words, full
+    stop = words[min(2, len(words) - 1)]
     req = GenerateRequest(
-        prompt="Q: What is the capital of France?\nA:",
+        prompt=prompt,
         max_tokens=40,
-        stop=["Paris"],
-        sampling=SamplingParams(temperature=0),
+        stop=[stop],
+        sampling=SamplingParams(temperature=0, ignore_eos=True),
     )
     outs, last = await collect(gemma_engine, req)
-    assert "".join(o.text for o in outs) == " The capital of France is "
-    assert last.finish_reason == "stop" and last.stop_word == "Paris"
+    assert "".join(o.text for o in outs) == full[: full.index(stop)]
+    assert last.finish_reason == "stop" and last.stop_word == stop
 
 
 async def test_batched_greedy_is_reproducible(gemma_engine: Engine) -> None:
@@ -76,7 +85,7 @@ async def test_prefix_reuse_on_sliding_window_model(gemma_engine: Engine) -> Non
     # 600+ shared tokens: longer than Gemma's 512-token window, so reuse must keep every
     # position the window still needs (or fall back to a full prefill), and stay exact.
     system = " ".join(f"Rule {i}: be accurate and brief." for i in range(80))
-    n_sys = len(gemma_engine.tokenize(system))
+    n_sys = len(await gemma_engine.tokenize(system))
     assert n_sys > 600
     q1, q2 = system + "\nQ: Name a fruit.\nA:", system + "\nQ: Name a colour.\nA:"
     _, cold = await collect(gemma_engine, greedy(q1, 24, ignore_eos=True))
@@ -95,9 +104,9 @@ async def test_prefix_reuse_on_sliding_window_model(gemma_engine: Engine) -> Non
 
 
 async def test_chat_template_fallback_is_gemmas(gemma_engine: Engine) -> None:
-    prompt = gemma_engine.apply_chat_template(
+    prompt = await gemma_engine.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     )
     assert prompt == "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
-    tokens = gemma_engine.tokenize(prompt)
+    tokens = await gemma_engine.tokenize(prompt)
     assert tokens[0] == 2 and tokens[1] != 2  # one BOS, not two

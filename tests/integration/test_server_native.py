@@ -99,7 +99,19 @@ def test_health_while_loading(tiny_model_path: Path) -> None:
         assert r.json()["error"]["code"] == 503
         r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "x"})
         assert r.status_code == 503
-        server.wait_healthy()
+        # A listed model is one a client can use: not listed (503) until it is loaded.
+        for path in ("/v1/models", "/models", f"/v1/models/{Path(tiny_model_path).stem}"):
+            r = httpx.get(f"{server.base_url}{path}")
+            assert r.status_code == 503, (path, r.text)
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["message"] == "Loading model"
+        # A client that waits for /v1/models, then sends at once, is served.
+        while (r := httpx.get(f"{server.base_url}/v1/models")).status_code == 503:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.02)
+        assert r.status_code == 200 and r.json()["data"][0]["id"]
+        body = {"prompt": "x", "max_tokens": 2}
+        assert httpx.post(f"{server.base_url}/v1/completions", json=body).status_code == 200
         assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
 
 
