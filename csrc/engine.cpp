@@ -271,6 +271,50 @@ void engine::submit(prepared && p) {
     cv_in_.notify_one();
 }
 
+void engine::post_job(uint64_t id_job, std::function<void(job_result &)> fn) {
+    workers_->post([this, id_job, fn = std::move(fn)] {
+        job_result r;
+        r.id_job = id_job;
+        try {
+            fn(r);
+        } catch (...) {
+            r.error = std::current_exception();
+        }
+        std::lock_guard<std::mutex> lk(mtx_out_);
+        jobs_done_.push_back(std::move(r));
+        notify_locked();
+    });
+}
+
+void engine::post_prepare(uint64_t id_job, request && req, std::vector<uint64_t> ids) {
+    // std::function needs a copyable callable: the request travels in a shared_ptr.
+    auto moved = std::make_shared<request>(std::move(req));
+    post_job(id_job, [this, moved, ids = std::move(ids)](job_result & r) { r.prep = prepare(std::move(*moved), ids); });
+}
+
+void engine::post_tokenize(uint64_t id_job, std::string text, bool add_special, bool parse_special) {
+    post_job(id_job, [this, text = std::move(text), add_special, parse_special](job_result & r) {
+        r.tokens = tokenize(text, add_special, parse_special);
+    });
+}
+
+void engine::post_detokenize(uint64_t id_job, std::vector<llama_token> tokens) {
+    post_job(id_job, [this, tokens = std::move(tokens)](job_result & r) { r.text = detokenize(tokens); });
+}
+
+void engine::post_template(uint64_t id_job, std::string messages_json, bool add_generation_prompt) {
+    post_job(id_job, [this, json = std::move(messages_json), add_generation_prompt](job_result & r) {
+        r.text = apply_chat_template(json, add_generation_prompt);
+    });
+}
+
+std::vector<job_result> engine::poll_jobs() {
+    std::vector<job_result> out;
+    std::lock_guard<std::mutex> lk(mtx_out_);
+    out.swap(jobs_done_);
+    return out;
+}
+
 void engine::cancel(uint64_t id_req) {
     std::lock_guard<std::mutex> lk(mtx_in_);
     cancels_.push_back(id_req);
@@ -743,11 +787,14 @@ void engine::flush_events() {
         std::move(out_.begin(), out_.end(), std::back_inserter(events_));
         out_.clear();
     }
-    if (!notified_) {
-        notified_ = true;
-        const char one = 1;
-        if (write(pipe_wr_, &one, 1) < 0) { /* pipe full: a wake-up is already pending */ }
-    }
+    notify_locked();
+}
+
+void engine::notify_locked() {
+    if (notified_) return;
+    notified_ = true;
+    const char one = 1;
+    if (write(pipe_wr_, &one, 1) < 0) { /* pipe full: a wake-up is already pending */ }
 }
 
 void engine::publish_stats() {

@@ -13,6 +13,8 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -68,6 +70,15 @@ struct prepared {
     int32_t n_prompt = 0;  // tokens of the (shared) prompt
 };
 
+// The outcome of a job run on the engine's worker threads (see engine::post_prepare).
+struct job_result {
+    uint64_t                 id_job = 0;
+    std::exception_ptr       error;   // set: the job threw this
+    prepared                 prep;    // post_prepare
+    std::vector<llama_token> tokens;  // post_tokenize
+    std::string              text;    // post_detokenize, post_template
+};
+
 class engine {
 public:
     explicit engine(const engine_params & params);  // loads the model; throws load_error
@@ -86,13 +97,19 @@ public:
     void submit(prepared && p);
     void cancel(uint64_t id_req);      // unknown or finished ids are ignored
     std::vector<event> poll_events();  // never waits
-    int  notify_fd() const { return pipe_rd_; }  // readable when poll_events() has events
+    int  notify_fd() const { return pipe_rd_; }  // readable when there are events or job results
+
+    // Jobs: the slow parts above, run on the engine's low-priority worker threads. Each returns
+    // at once; its job_result comes out of poll_jobs() after the same wake-up as events, so
+    // the caller's thread never waits for the work and the work runs in parallel.
+    void post_prepare(uint64_t id_job, request && req, std::vector<uint64_t> ids);
+    void post_tokenize(uint64_t id_job, std::string text, bool add_special, bool parse_special);
+    void post_detokenize(uint64_t id_job, std::vector<llama_token> tokens);
+    void post_template(uint64_t id_job, std::string messages_json, bool add_generation_prompt);
+    std::vector<job_result> poll_jobs();  // never waits
 
     engine_stats stats() const;
     const model_info & info() const { return info_; }
-    // Low-priority threads for the slow any-thread work above (prepare(), tokenizing a long
-    // text): worker().run([&] { return e.prepare(...); }).
-    worker_pool & workers() const { return *workers_; }
 
     std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
     std::string detokenize(const std::vector<llama_token> & tokens) const;
@@ -114,6 +131,8 @@ private:
     bool forget_from(slot & s, llama_pos from);  // KV and cache from `from` on; false: all dropped
     bool evict_idle_cache();  // drops the least recently used idle slot's cached prefix
     void flush_events();
+    void notify_locked();  // under mtx_out_: one byte on the pipe unless one is pending
+    void post_job(uint64_t id_job, std::function<void(job_result &)> fn);
     void publish_stats();
     struct decode_result {
         bool    ok        = true;
@@ -158,6 +177,7 @@ private:
     // out: events, and a pipe that wakes the consumer once per step
     std::mutex         mtx_out_;
     std::vector<event> events_;
+    std::vector<job_result> jobs_done_;
     bool               notified_ = false;
     int                pipe_rd_  = -1;
     int                pipe_wr_  = -1;

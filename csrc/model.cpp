@@ -103,6 +103,11 @@ model::model(const model_params & params) {
     int32_t n_suppress = 0;
     llama_vocab_get_suppress_tokens(vocab_, &n_suppress);
     has_suppress_ = n_suppress > 0;
+    for (llama_token t = 0; t < n_vocab_; ++t) {
+        if (!(llama_vocab_get_attr(vocab_, t) & (LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_UNKNOWN))) continue;
+        const char * text = llama_vocab_get_text(vocab_, t);
+        if (text && text[0] != '\0') special_first_byte_[(unsigned char) text[0]] = true;
+    }
 }
 
 model::~model() {
@@ -136,6 +141,10 @@ void model::describe(model_info & info) const {
 }
 
 std::vector<llama_token> model::tokenize(const std::string & text, bool add_special, bool parse_special) const {
+    if (parse_special) {
+        parse_special = std::any_of(text.begin(), text.end(),
+                                    [this](char c) { return special_first_byte_[(unsigned char) c]; });
+    }
     return common_tokenize(vocab_, text, add_special, parse_special);
 }
 

@@ -4,6 +4,7 @@
 // any thread (llama.cpp's vocabulary is read-only after load; template rendering is serialized).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -67,6 +68,10 @@ private:
     mutable std::mutex mtx_tmpl_;
     std::vector<std::pair<llama_token, float>> eog_bias_;
     bool has_suppress_ = false;
+    // The first bytes of the control (and unknown) tokens' texts: a text with none of them
+    // holds no such token, and tokenizes the same with parse_special off, which skips
+    // llama.cpp's search for each of them (6,249 on Gemma 3: half its time on a short text).
+    std::array<bool, 256> special_first_byte_ {};
 };
 
 // The built-in chat template names llama.cpp knows (llama_chat_builtin_templates).

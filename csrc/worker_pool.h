@@ -3,7 +3,8 @@
 // the decode threads that running streams wait on. They never touch Python objects, so a
 // low-priority thread can never hold the GIL that the event loop waits for.
 //
-// Thread safety: run() from any thread; constructor and destructor on the owning thread.
+// Thread safety: post() and run() from any thread; constructor and destructor on the owning
+// thread (the destructor runs the jobs still queued, then joins).
 #pragma once
 
 #include <condition_variable>
@@ -35,8 +36,9 @@ public:
         return done.get();
     }
 
+    void post(std::function<void()> job);  // runs job on a pool thread, later
+
 private:
-    void post(std::function<void()> job);
     void work(int nice);
 
     std::mutex                        mtx_;

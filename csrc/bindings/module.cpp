@@ -15,6 +15,39 @@ using namespace llamabox;
 
 namespace {
 
+// The Python exception of one of our C++ errors: its name in _core, and its args (message,
+// param for InvalidRequest, both counts for ContextLength). Anything else is rethrown.
+std::pair<const char *, py::tuple> error_of(std::exception_ptr p) {
+    try {
+        std::rethrow_exception(p);
+    } catch (const load_error & e) {
+        return {"LoadError", py::make_tuple(e.what())};
+    } catch (const context_length_error & e) {
+        return {"ContextLength", py::make_tuple(e.what(), "prompt", e.n_prompt, e.n_ctx_slot)};
+    } catch (const invalid_request & e) {
+        py::object param = e.param.empty() ? py::object(py::none()) : py::object(py::str(e.param));
+        return {"InvalidRequest", py::make_tuple(e.what(), param)};
+    } catch (const queue_full & e) {
+        return {"QueueFull", py::make_tuple(e.what())};
+    } catch (const engine_stopped & e) {
+        return {"EngineStopped", py::make_tuple(e.what())};
+    }
+}
+
+py::object error_type(const char * name) { return py::module_::import("llamabox._core").attr(name); }
+
+// An exception instance for a job's error (a foreign one becomes a RuntimeError).
+py::object error_object(std::exception_ptr p) {
+    try {
+        auto [name, args] = error_of(p);
+        return error_type(name)(*args);
+    } catch (const std::exception & e) {
+        return py::reinterpret_borrow<py::object>(PyExc_RuntimeError)(e.what());
+    }
+}
+
+constexpr size_t GIL_HOLD_MAX_BYTES = 4096;  // inputs this small are handled with the GIL held
+
 py::object event_embedding(const event & ev) {
     if (ev.n_rows == 0) return py::none();
     const py::ssize_t n_cols = (py::ssize_t) ev.embedding.size() / ev.n_rows;
@@ -169,13 +202,43 @@ void bind_engine(py::module_ & m) {
              "Loads the model and creates the context (blocking; releases the GIL).")
         .def("start", &engine::start)
         .def("stop", &engine::stop, py::call_guard<py::gil_scoped_release>())
-        .def("prepare", [](const engine & e, request req, const std::vector<uint64_t> & ids, bool background) {
+        .def("prepare", [](const engine & e, request req, const std::vector<uint64_t> & ids) {
             py::gil_scoped_release nogil;
-            if (!background) return e.prepare(std::move(req), ids);
-            return e.workers().run([&] { return e.prepare(std::move(req), ids); });
-        }, py::arg("request"), py::arg("ids"), py::arg("background") = true,
-           "Tokenizes, validates and builds the samplers (slow for long prompts and large grammars; "
-           "releases the GIL; background: on the engine's low-priority threads). One request per id.")
+            return e.prepare(std::move(req), ids);
+        }, py::arg("request"), py::arg("ids"),
+           "Tokenizes, validates and builds the samplers, here (small requests; post_prepare for "
+           "others). One request per id.")
+        .def("post_prepare", [](engine & e, uint64_t id_job, request req, std::vector<uint64_t> ids) {
+            e.post_prepare(id_job, std::move(req), std::move(ids));
+        }, py::arg("id_job"), py::arg("request"), py::arg("ids"))
+        .def("post_tokenize", &engine::post_tokenize, py::arg("id_job"), py::arg("text"),
+             py::arg("add_special"), py::arg("parse_special"))
+        .def("post_detokenize", &engine::post_detokenize, py::arg("id_job"), py::arg("tokens"))
+        .def("post_template", &engine::post_template, py::arg("id_job"), py::arg("messages_json"),
+             py::arg("add_generation_prompt"))
+        .def("poll_jobs", [](engine & e) {
+            std::vector<job_result> done;
+            {
+                py::gil_scoped_release nogil;
+                done = e.poll_jobs();
+            }
+            // (id_job, value, error): value a Prepared, a token list or a str; error an exception
+            // instance (the value is None then)
+            py::list out;
+            for (auto & r : done) {
+                if (r.error) {
+                    out.append(py::make_tuple(r.id_job, py::none(), error_object(r.error)));
+                } else if (!r.prep.tasks.empty()) {
+                    out.append(py::make_tuple(r.id_job, py::cast(std::move(r.prep)), py::none()));
+                } else if (!r.text.empty() || r.tokens.empty()) {
+                    // a job that gives text: detokenize, template (an empty token list: tokenize "")
+                    out.append(py::make_tuple(r.id_job, py::str(r.text), py::none()));
+                } else {
+                    out.append(py::make_tuple(r.id_job, py::cast(r.tokens), py::none()));
+                }
+            }
+            return out;
+        }, "The results of finished jobs: (id_job, value, error) tuples.")
         .def("submit", [](engine & e, prepared & p) {
             if (p.tasks.empty()) throw std::invalid_argument("these requests were submitted already");
             py::gil_scoped_release nogil;
@@ -196,18 +259,18 @@ void bind_engine(py::module_ & m) {
             return e.stats();
         })
         .def_property_readonly("info", &engine::info, py::return_value_policy::reference_internal)
-        .def("tokenize", [](const engine & e, const std::string & text, bool add_special, bool parse_special,
-                            bool background) {
+        // A short input takes microseconds: releasing the GIL for it would let another thread
+        // take the GIL, and the caller (the event loop) wait for its return.
+        .def("tokenize", [](const engine & e, const std::string & text, bool add_special, bool parse_special) {
+            if (text.size() <= GIL_HOLD_MAX_BYTES) return e.tokenize(text, add_special, parse_special);
             py::gil_scoped_release nogil;
-            if (!background) return e.tokenize(text, add_special, parse_special);
-            return e.workers().run([&] { return e.tokenize(text, add_special, parse_special); });
-        }, py::arg("text"), py::arg("add_special") = true, py::arg("parse_special") = true,
-           py::arg("background") = false)
-        .def("detokenize", [](const engine & e, const std::vector<llama_token> & tokens, bool background) {
+            return e.tokenize(text, add_special, parse_special);
+        }, py::arg("text"), py::arg("add_special") = true, py::arg("parse_special") = true)
+        .def("detokenize", [](const engine & e, const std::vector<llama_token> & tokens) {
+            if (tokens.size() <= GIL_HOLD_MAX_BYTES / 4) return e.detokenize(tokens);
             py::gil_scoped_release nogil;
-            if (!background) return e.detokenize(tokens);
-            return e.workers().run([&] { return e.detokenize(tokens); });
-        }, py::arg("tokens"), py::arg("background") = false)
+            return e.detokenize(tokens);
+        }, py::arg("tokens"))
         .def("token_pieces", [](const engine & e, const std::vector<llama_token> & tokens) {
             std::vector<std::string> pieces;
             pieces.reserve(tokens.size());
@@ -216,12 +279,10 @@ void bind_engine(py::module_ & m) {
             for (const auto & p : pieces) out.append(py::bytes(p));
             return out;
         })
-        .def("apply_chat_template", [](const engine & e, const std::string & messages_json, bool add_generation_prompt,
-                                       bool background) {
+        .def("apply_chat_template", [](const engine & e, const std::string & messages_json, bool add_generation_prompt) {
             py::gil_scoped_release nogil;
-            if (!background) return e.apply_chat_template(messages_json, add_generation_prompt);
-            return e.workers().run([&] { return e.apply_chat_template(messages_json, add_generation_prompt); });
-        }, py::arg("messages_json"), py::arg("add_generation_prompt") = true, py::arg("background") = false);
+            return e.apply_chat_template(messages_json, add_generation_prompt);
+        }, py::arg("messages_json"), py::arg("add_generation_prompt") = true);
 }
 
 // Hooks for unit tests of the pure parts (scheduler, text), no model needed.
@@ -267,27 +328,16 @@ PYBIND11_MODULE(_core, m) {
     m.doc() = "llamabox's native engine (llama.cpp inside)";
     m.attr("__version__") = LLAMABOX_VERSION;
 
-    static py::exception<load_error> exc_load(m, "LoadError", PyExc_RuntimeError);
-    static py::exception<invalid_request> exc_invalid(m, "InvalidRequest", PyExc_ValueError);
-    // args: (message, param, n_prompt, n_ctx_slot)
-    static py::exception<context_length_error> exc_ctx(m, "ContextLength", exc_invalid.ptr());
-    static py::exception<queue_full> exc_queue(m, "QueueFull", PyExc_RuntimeError);
-    static py::exception<engine_stopped> exc_stopped(m, "EngineStopped", PyExc_RuntimeError);
+    // Exception types: error_of() above says what each carries.
+    py::object exc_invalid = py::exception<invalid_request>(m, "InvalidRequest", PyExc_ValueError);
+    py::exception<context_length_error>(m, "ContextLength", exc_invalid.ptr());
+    py::exception<load_error>(m, "LoadError", PyExc_RuntimeError);
+    py::exception<queue_full>(m, "QueueFull", PyExc_RuntimeError);
+    py::exception<engine_stopped>(m, "EngineStopped", PyExc_RuntimeError);
     py::register_exception_translator([](std::exception_ptr p) {
-        try {
-            if (p) std::rethrow_exception(p);
-        } catch (const load_error & e) {
-            py::set_error(exc_load, e.what());
-        } catch (const context_length_error & e) {
-            py::set_error(exc_ctx, py::make_tuple(e.what(), "prompt", e.n_prompt, e.n_ctx_slot));
-        } catch (const invalid_request & e) {
-            // args: (message, param or None)
-            py::set_error(exc_invalid, py::make_tuple(e.what(), e.param.empty() ? py::object(py::none()) : py::object(py::str(e.param))));
-        } catch (const queue_full & e) {
-            py::set_error(exc_queue, e.what());
-        } catch (const engine_stopped & e) {
-            py::set_error(exc_stopped, e.what());
-        }
+        if (!p) return;
+        auto [name, args] = error_of(p);  // rethrows what is not ours
+        PyErr_SetObject(error_type(name).ptr(), args.ptr());
     });
 
     m.attr("FINISH_NONE") = (int) FINISH_REASON_NONE;

@@ -7,11 +7,11 @@ import collections.abc
 import typing
 from llamabox import _core_testing as testing
 __all__: list[str] = ['ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'ModelInfo', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'TokenLogprob', 'testing']
-class LoadError(RuntimeError):
-    pass
 class InvalidRequest(ValueError):
     pass
 class ContextLength(InvalidRequest):
+    pass
+class LoadError(RuntimeError):
     pass
 class QueueFull(RuntimeError):
     pass
@@ -418,19 +418,31 @@ class Engine:
         """
         Loads the model and creates the context (blocking; releases the GIL).
         """
-    def apply_chat_template(self, messages_json: str, add_generation_prompt: bool = True, background: bool = False) -> str:
+    def apply_chat_template(self, messages_json: str, add_generation_prompt: bool = True) -> str:
         ...
     def cancel(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
-    def detokenize(self, tokens: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], background: bool = False) -> str:
+    def detokenize(self, tokens: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> str:
         ...
     def notify_fd(self) -> int:
         ...
     def poll_events(self) -> list[Event]:
         ...
-    def prepare(self, request: Request, ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], background: bool = True) -> Prepared:
+    def poll_jobs(self) -> list:
         """
-        Tokenizes, validates and builds the samplers (slow for long prompts and large grammars; releases the GIL; background: on the engine's low-priority threads). One request per id.
+        The results of finished jobs: (id_job, value, error) tuples.
+        """
+    def post_detokenize(self, id_job: typing.SupportsInt | typing.SupportsIndex, tokens: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
+    def post_prepare(self, id_job: typing.SupportsInt | typing.SupportsIndex, request: Request, ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
+    def post_template(self, id_job: typing.SupportsInt | typing.SupportsIndex, messages_json: str, add_generation_prompt: bool) -> None:
+        ...
+    def post_tokenize(self, id_job: typing.SupportsInt | typing.SupportsIndex, text: str, add_special: bool, parse_special: bool) -> None:
+        ...
+    def prepare(self, request: Request, ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> Prepared:
+        """
+        Tokenizes, validates and builds the samplers, here (small requests; post_prepare for others). One request per id.
         """
     def start(self) -> None:
         ...
@@ -444,7 +456,7 @@ class Engine:
         """
     def token_pieces(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> list:
         ...
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True, background: bool = False) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         ...
     @property
     def info(self) -> ModelInfo:

@@ -5,19 +5,18 @@ makes a pipe readable; the asyncio loop watches that pipe (``add_reader``) and d
 request's events in one go, so the loop wakes once per engine step, not once per token.
 
 Nothing slow runs on the event loop. Preparing a request (tokenizing its prompt, rendering a chat
-template, turning a JSON schema into a grammar, building the samplers) runs in C++ with the GIL
-released, on the engine's low-priority threads, so other requests' streams keep flowing and the
-decode threads keep their cores; a thread of ours waits for it, so the loop never does (and no
-low-priority thread ever holds the GIL). Small inputs skip the hop (it would cost more than the
-work). Errors are still raised by the awaited call, before any response has started.
+template, turning a JSON schema into a grammar, building the samplers) is a job for the engine's
+low-priority C++ threads, which never hold the GIL; its result comes back through the same
+pipe wake-up as the events. Other requests' streams keep flowing, the decode threads keep their
+cores, and the loop spends microseconds on a job whatever its size. Small inputs skip the hop
+(it would cost more than the work). Errors are still raised by the awaited call, before any
+response has started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
-import functools
 import itertools
 import weakref
 from collections.abc import Callable, Sequence
@@ -225,7 +224,7 @@ class Engine:
         self._core: _core.Engine | None = None
         self._info: ModelInfo | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._jobs: dict[int, asyncio.Future[Any]] = {}
         # Weak: a stream its reader dropped is collected, and its __del__ cancels the request.
         self._streams: weakref.WeakValueDictionary[int, RequestStream] = (
             weakref.WeakValueDictionary()
@@ -250,10 +249,6 @@ class Engine:
         except _core.LoadError as e:
             raise ModelLoadError(str(e)) from None
         core.start()
-        # These threads only wait (GIL released) for the engine's own low-priority ones.
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="llamabox-prepare"
-        )
         loop.add_reader(core.notify_fd(), self._dispatch)
         self._loop = loop
         self._core = core
@@ -265,11 +260,12 @@ class Engine:
             return
         assert self._loop is not None
         self._loop.remove_reader(core.notify_fd())
-        pool, self._pool = self._pool, None
-        if pool is not None:  # a preparation still running holds the engine: let it end first
-            await self._loop.run_in_executor(None, pool.shutdown, True)
         await self._loop.run_in_executor(None, core.stop)
         self._deliver(core.poll_events())
+        jobs, self._jobs = self._jobs, {}
+        for fut in jobs.values():
+            if not fut.done():
+                fut.set_exception(EngineStoppedError("the engine stopped"))
         for stream in list(self._streams.values()):
             stream._push(EngineStoppedError("the engine stopped"))
         self._streams.clear()
@@ -302,15 +298,22 @@ class Engine:
             raise EngineStoppedError("the engine is not running")
         return self._info
 
-    async def _off_loop(self, inline: bool, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args, background=True)`` waited for on one of our threads, or
-        ``fn(*args, background=False)`` on the loop when ``inline``; C++ errors become this
-        module's."""
+    async def _off_loop(
+        self, inline: bool, run: Callable[..., T], post: Callable[..., None], *args: Any
+    ) -> T:
+        """``run(*args)`` here when ``inline``, else ``post(id_job, *args)``: a job whose result
+        the engine hands back (see _dispatch). C++ errors become this module's."""
         try:
-            if inline or self._pool is None:
-                return fn(*args, background=False)
-            call = functools.partial(fn, *args, background=True)
-            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+            if inline:
+                return run(*args)
+            id_job = next(self._ids)
+            fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            self._jobs[id_job] = fut
+            try:
+                post(id_job, *args)
+                return await fut
+            finally:
+                self._jobs.pop(id_job, None)  # a cancelled wait: the result is dropped
         except _core.InvalidRequest as e:
             raise _invalid(e) from None
 
@@ -332,7 +335,7 @@ class Engine:
         max_tokens = request.max_tokens if request.max_tokens is not None else self.config.n_predict
         native = _native_request(request, max_tokens)
         ids = [next(self._ids) for _ in range(n)]
-        prepared = await self._off_loop(False, core.prepare, native, ids)
+        prepared = await self._off_loop(False, core.prepare, core.post_prepare, native, ids)
         streams = [RequestStream(self, id_req) for id_req in ids]
         for stream in streams:
             self._streams[stream.id_req] = stream
@@ -369,8 +372,12 @@ class Engine:
                 req.prompt = _token_list(item, "input")
             prepared_all.append(req)
         ids = [next(self._ids) for _ in prepared_all]
-        batches = await self._off_loop(
-            sum(len(x) for x in inputs) <= INLINE_MAX, _prepare_all, core, prepared_all, ids
+        inline = sum(len(x) for x in inputs) <= INLINE_MAX
+        batches = await asyncio.gather(
+            *(
+                self._off_loop(inline, core.prepare, core.post_prepare, req, [id_req])
+                for req, id_req in zip(prepared_all, ids, strict=True)
+            )
         )
         futures: list[asyncio.Future[_core.Event]] = []
         for id_req in ids:
@@ -398,8 +405,17 @@ class Engine:
     # ---- events ----
 
     def _dispatch(self) -> None:
-        if self._core is not None:
-            self._deliver(self._core.poll_events())
+        if self._core is None:
+            return
+        self._deliver(self._core.poll_events())
+        for id_job, value, error in self._core.poll_jobs():
+            fut = self._jobs.get(id_job)
+            if fut is None or fut.done():
+                continue  # its waiter was cancelled
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(value)
 
     def _deliver(self, events: list[_core.Event]) -> None:
         for ev in events:
@@ -459,15 +475,22 @@ class Engine:
         self, text: str, add_special: bool = True, parse_special: bool = True
     ) -> list[int]:
         core = self._require()
-        return list(
-            await self._off_loop(
-                len(text) <= INLINE_MAX, core.tokenize, text, add_special, parse_special
-            )
+        tokens: list[int] = await self._off_loop(
+            len(text) <= INLINE_MAX,
+            core.tokenize,
+            core.post_tokenize,
+            text,
+            add_special,
+            parse_special,
         )
+        return tokens
 
     async def detokenize(self, tokens: list[int]) -> str:
         core = self._require()
-        return str(await self._off_loop(len(tokens) <= INLINE_MAX, _detokenize, core, tokens))
+        text: str = await self._off_loop(
+            len(tokens) <= INLINE_MAX, core.detokenize, core.post_detokenize, _token_list(tokens)
+        )
+        return text
 
     def token_pieces(self, tokens: list[int]) -> list[bytes]:
         try:
@@ -483,14 +506,14 @@ class Engine:
         if not messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
         encoded = _json.encode(messages)
-        return str(
-            await self._off_loop(
-                len(encoded) <= INLINE_MAX,
-                core.apply_chat_template,
-                encoded.decode(),
-                add_generation_prompt,
-            )
+        prompt: str = await self._off_loop(
+            len(encoded) <= INLINE_MAX,
+            core.apply_chat_template,
+            core.post_template,
+            encoded.decode(),
+            add_generation_prompt,
         )
+        return prompt
 
     def fim_tokens(self) -> tuple[int, int, int] | None:
         info = self._require().info
@@ -561,19 +584,6 @@ def _token_list(tokens: list[int], param: str = "tokens") -> list[int]:
         if not -(2**31) <= token < 2**31:
             raise InvalidRequestError(f"token id {token} is out of range", param=param)
     return tokens
-
-
-def _detokenize(core: _core.Engine, tokens: list[int], *, background: bool) -> str:
-    return str(core.detokenize(_token_list(tokens), background=background))
-
-
-def _prepare_all(
-    core: _core.Engine, requests: list[_core.Request], ids: list[int], *, background: bool
-) -> list[_core.Prepared]:
-    return [
-        core.prepare(req, [id_req], background=background)
-        for req, id_req in zip(requests, ids, strict=True)
-    ]
 
 
 def _submit_all(core: _core.Engine, batches: list[_core.Prepared]) -> None:

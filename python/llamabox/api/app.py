@@ -164,10 +164,12 @@ class LlamaboxApp:
         started = time.perf_counter()
         status = 499  # client closed the request, unless we get to answer
         watcher: asyncio.Task[None] | None = None
+        generates = False
         try:
             prepared = await self._prepare(req, receive)
             if isinstance(prepared, Route):
-                if prepared.generates:
+                generates = prepared.generates
+                if generates:
                     watcher = asyncio.create_task(self._watch_disconnect(receive, task))
                 response = await self._call(prepared, req)
             else:
@@ -190,13 +192,12 @@ class LlamaboxApp:
             self._aborted.discard(task)
             if not self._requests and self._idle is not None:
                 self._idle.set()
-            logger.info(
-                "%s %s %d %.1f ms",
-                req.method,
-                req.path,
-                status,
-                1e3 * (time.perf_counter() - started),
-            )
+            # One line per generation; the cheap requests (health checks, /v1/models, /tokenize
+            # at thousands a second) only with --verbose, as llama.cpp's server does.
+            level = logging.INFO if generates or status >= 500 else logging.DEBUG
+            if logger.isEnabledFor(level):
+                ms = 1e3 * (time.perf_counter() - started)
+                logger.log(level, "%s %s %d %.1f ms", req.method, req.path, status, ms)
             request_id_var.reset(token)
 
     async def _watch_disconnect(self, receive: Receive, task: asyncio.Task[object]) -> None:

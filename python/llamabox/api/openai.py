@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import msgspec
@@ -12,7 +11,7 @@ import numpy as np
 
 from llamabox.api import sse
 from llamabox.api.errors import APIError
-from llamabox.api.http import Request, Response, Route, StreamResponse, json_response
+from llamabox.api.http import Request, Response, Route, StreamResponse, json_response, new_id
 from llamabox.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -72,7 +71,7 @@ class _Stamp:
     __slots__ = ("created", "fingerprint", "id", "model")
 
     def __init__(self, state: AppState, prefix: str) -> None:
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.id = f"{prefix}-{new_id()}"
         self.created = int(time.time())
         self.model = state.model_name
         self.fingerprint = state.fingerprint
