@@ -35,7 +35,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -105,15 +105,15 @@ def run_batched_bench(
 # ---------------------------------------------------------------- llamabox
 
 
-def make_prompts(
-    tokenize: Callable[[str], list[int]], n: int, npp: int, seed: int
+async def make_prompts(
+    tokenize: Callable[[str], Awaitable[list[int]]], n: int, npp: int, seed: int
 ) -> list[list[int]]:
     """``n`` distinct prompts of exactly ``npp`` tokens (BOS first)."""
     rng = random.Random(seed)
     prompts = []
     for i in range(n):
         words = [f"Story {i}:"] + [rng.choice(WORDS) for _ in range(npp * 2)]
-        tokens = tokenize(" ".join(words))
+        tokens = await tokenize(" ".join(words))
         if len(tokens) < npp:
             raise RuntimeError(f"prompt text too short: {len(tokens)} < {npp} tokens")
         prompts.append(tokens[:npp])
@@ -138,12 +138,12 @@ async def run_llamabox(
     greedy = SamplingParams(temperature=0.0, ignore_eos=True)
     async with Engine(config) as engine:
         # Warm-up, as batched-bench does one small decode before measuring.
-        warm = engine.generate(
+        warm = await engine.generate(
             GenerateRequest(prompt="Hello", max_tokens=2, sampling=greedy, cache_prompt=False)
         )
         async for _ in warm:
             pass
-        prompts = make_prompts(engine.tokenize, npl, npp, seed)
+        prompts = await make_prompts(engine.tokenize, npl, npp, seed)
 
         t_first: list[float] = [0.0] * npl
         t_done: list[float] = [0.0] * npl
@@ -159,7 +159,7 @@ async def run_llamabox(
 
         t0 = time.perf_counter()
         streams = [
-            engine.generate(
+            await engine.generate(
                 GenerateRequest(prompt=p, max_tokens=ntg + 1, sampling=greedy, cache_prompt=False)
             )
             for p in prompts

@@ -126,6 +126,36 @@ async def test_shutdown_cancels_requests_past_the_timeout() -> None:
     assert not engine.active and engine.stopped
 
 
+async def test_shutdown_does_not_wait_for_a_body_that_never_comes() -> None:
+    """A request whose body never arrives (its client gone unreported) has started nothing:
+    shutdown cancels it at once instead of waiting out the timeout."""
+    app, engine = make_app(timeout=600.0)
+    app.startup()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/tokenize",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"20")],
+    }
+    never = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await never.wait()
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    task = asyncio.create_task(app(scope, receive, send))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(app.shutdown(), 2)
+    assert task.done() and not task.cancelled() and not sent
+    assert engine.stopped
+
+
 async def test_closing_refuses_new_generations() -> None:
     app, engine = make_app()
     app.closing = True

@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
 from llamabox.api import metrics, native, ollama, openai
 from llamabox.api.errors import APIError, error_body, from_exception, ollama_body
@@ -68,8 +69,9 @@ class LlamaboxApp:
             ]
         )
         self._keys = [key.encode() for key in config.api_keys]
-        self._requests: set[asyncio.Task[object]] = set()
+        self._requests: dict[asyncio.Task[object], Request] = {}
         self._aborted: set[asyncio.Task[object]] = set()  # cancelled by us, not by the server
+        self._reading: set[asyncio.Task[object]] = set()  # still reading their request body
         self._idle: asyncio.Event | None = None
         self.load_task: asyncio.Task[None] | None = None
         self.closing = False
@@ -135,9 +137,21 @@ class LlamaboxApp:
             logger.exception("engine stop failed")
 
     async def drain(self, timeout: float) -> None:
-        """Wait for in-flight requests; cancel those still running after ``timeout`` seconds."""
+        """Wait for in-flight requests; cancel those still running after ``timeout`` seconds.
+
+        Requests still reading their body have started nothing: they are cancelled at once.
+        (A client that closes its connection while its body is awaited is not always reported
+        by granian 2.8; such a request would otherwise hold the shutdown for ``timeout``.)
+        """
+        for task in list(self._reading):
+            self._aborted.add(task)
+            task.cancel()
+        if self._reading:
+            await asyncio.wait(list(self._reading), timeout=5.0)
         if self._requests and self._idle is not None:
             logger.info("waiting for %d in-flight request(s)", len(self._requests))
+            for task, req in self._requests.items():
+                logger.info("in flight: %s %s, awaiting %s", req.method, req.path, _awaiting(task))
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout)
             except asyncio.TimeoutError:
@@ -158,7 +172,7 @@ class LlamaboxApp:
         req = Request(scope)
         token = request_id_var.set(req.request_id)
         task: asyncio.Task[object] = asyncio.current_task()  # type: ignore[assignment]
-        self._requests.add(task)
+        self._requests[task] = req
         if self._idle is not None:
             self._idle.clear()
         started = time.perf_counter()
@@ -188,7 +202,7 @@ class LlamaboxApp:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            self._requests.discard(task)
+            self._requests.pop(task, None)
             self._aborted.discard(task)
             if not self._requests and self._idle is not None:
                 self._idle.set()
@@ -228,9 +242,14 @@ class LlamaboxApp:
             if route.needs_model:
                 self._check_ready()
             if req.method == "POST":
-                req.body = await read_body(
-                    receive, req, self.config.max_body_bytes, self.config.timeout
-                )
+                task: asyncio.Task[object] = asyncio.current_task()  # type: ignore[assignment]
+                self._reading.add(task)
+                try:
+                    req.body = await read_body(
+                        receive, req, self.config.max_body_bytes, self.config.timeout
+                    )
+                finally:
+                    self._reading.discard(task)
             return route
         except ClientDisconnected:
             raise
@@ -271,6 +290,17 @@ class LlamaboxApp:
                 req.headers.get("origin"), self.config.cors_origins, req.method == "OPTIONS"
             )
         return headers
+
+
+def _awaiting(task: asyncio.Task[object]) -> str:
+    """Where a suspended request waits: the innermost coroutine of its await chain."""
+    where, coro = "?", cast(Any, task.get_coro())
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            where = f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})"
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return where
 
 
 def create_app(config: ServerConfig, engine: EngineLike | None = None) -> LlamaboxApp:
