@@ -168,8 +168,13 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
     pipe_rd_ = fds[0];
     pipe_wr_ = fds[1];
     for (int fd : fds) {
-        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-        fcntl(fd, F_SETFD, FD_CLOEXEC);
+        const int flags = fcntl(fd, F_GETFL);
+        if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0 || fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) {
+            close(fds[0]);
+            close(fds[1]);
+            pipe_rd_ = pipe_wr_ = -1;
+            throw load_error("cannot set up the engine's notification pipe");
+        }
     }
 }
 

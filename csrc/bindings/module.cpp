@@ -203,8 +203,7 @@ void bind_engine(py::module_ & m) {
         .def("start", &engine::start)
         .def("stop", &engine::stop, py::call_guard<py::gil_scoped_release>())
         .def("prepare", [](const engine & e, request req, const std::vector<uint64_t> & ids) {
-            py::gil_scoped_release nogil;
-            return e.prepare(std::move(req), ids);
+            return e.prepare(std::move(req), ids);  // small requests only: the GIL stays held
         }, py::arg("request"), py::arg("ids"),
            "Tokenizes, validates and builds the samplers, here (small requests; post_prepare for "
            "others). One request per id.")
@@ -304,7 +303,6 @@ void bind_testing(py::module_ & m) {
     });
     m.def("log_sink_installed", &log_sink_installed,
           "Whether llama.cpp logs into the process-wide sink (never a dangling one).");
-    m.def("builtin_chat_templates", &builtin_chat_templates);
     m.def("utf8_complete_prefix", [](const py::bytes & b) { return utf8_complete_prefix(std::string(b)); });
     m.def("utf8_sanitize", [](const py::bytes & b) { return utf8_sanitize(std::string(b)); });
 
@@ -350,6 +348,8 @@ PYBIND11_MODULE(_core, m) {
 
     bind_types(m);
     bind_engine(m);
+    m.def("builtin_chat_templates", &builtin_chat_templates,
+          "The names of llama.cpp's built-in chat templates (--chat-template NAME).");
     auto testing = m.def_submodule("testing", "pure helpers exposed for unit tests");
     bind_testing(testing);
 }

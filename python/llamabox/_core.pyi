@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections.abc
 import typing
 from llamabox import _core_testing as testing
-__all__: list[str] = ['ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'ModelInfo', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'TokenLogprob', 'testing']
+__all__: list[str] = ['ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'ModelInfo', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'TokenLogprob', 'builtin_chat_templates', 'testing']
 class InvalidRequest(ValueError):
     pass
 class ContextLength(InvalidRequest):
@@ -461,6 +461,10 @@ class Engine:
     @property
     def info(self) -> ModelInfo:
         ...
+def builtin_chat_templates() -> list[str]:
+    """
+    The names of llama.cpp's built-in chat templates (--chat-template NAME).
+    """
 FINISH_CANCELLED: int = 3
 FINISH_ERROR: int = 4
 FINISH_LENGTH: int = 2

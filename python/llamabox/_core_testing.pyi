@@ -5,7 +5,7 @@ pure helpers exposed for unit tests
 from __future__ import annotations
 import collections.abc
 import typing
-__all__: list[str] = ['StopMatcher', 'Utf8Decoder', 'builtin_chat_templates', 'choose_slot', 'log_sink_installed', 'plan_step', 'utf8_complete_prefix', 'utf8_sanitize']
+__all__: list[str] = ['StopMatcher', 'Utf8Decoder', 'choose_slot', 'log_sink_installed', 'plan_step', 'utf8_complete_prefix', 'utf8_sanitize']
 class Utf8Decoder:
     def __init__(self) -> None:
         ...
@@ -20,8 +20,6 @@ class StopMatcher:
         ...
     def push(self, arg0: str) -> tuple[str, bool, str]:
         ...
-def builtin_chat_templates() -> list[str]:
-    ...
 def choose_slot(arg0: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], arg1: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> int:
     ...
 def log_sink_installed() -> bool:

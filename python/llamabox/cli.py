@@ -19,6 +19,7 @@ from typing import Any, Literal, NoReturn
 
 import msgspec
 
+from llamabox import _core
 from llamabox.config import ServerConfig
 from llamabox.types import EngineConfig, ModelLoadError, SamplingParams
 
@@ -137,6 +138,21 @@ def _nonempty(text: str) -> str:
     return text.strip()
 
 
+_BUILTIN_TEMPLATES = tuple(_core.builtin_chat_templates())
+
+
+def _chat_template(text: str) -> str:
+    """A built-in template's name, or Jinja source (anything else is a typo of a name)."""
+    if text.strip() in _BUILTIN_TEMPLATES:
+        return text.strip()
+    if "{{" in text or "{%" in text:
+        return text
+    raise ValueError(
+        f"{text.strip()!r} is neither a built-in template ({', '.join(_BUILTIN_TEMPLATES)}) nor "
+        "a Jinja template"
+    )
+
+
 def _path(text: str) -> str:
     return str(Path(_nonempty(text)).expanduser())
 
@@ -191,9 +207,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("-a", "--alias"), ("LLAMA_ARG_ALIAS",), "alias", _nonempty, None,
          "model name in the API (the `model` of responses and of GET /v1/models)", "model",
          metavar="NAME", default_text="the model file's name; gemma-3-270m for the default"),
-    Flag(("--chat-template",), ("LLAMA_ARG_CHAT_TEMPLATE",), "chat_template", _text, None,
-         "Jinja chat template (its source, inline) used instead of the model's", "model",
-         metavar="JINJA", default_text="the model's"),
+    Flag(("--chat-template",), ("LLAMA_ARG_CHAT_TEMPLATE",), "chat_template", _chat_template,
+         None, "chat template used instead of the model's: Jinja source, inline, or one of "
+         f"llama.cpp's built-in templates: {', '.join(_BUILTIN_TEMPLATES)}", "model",
+         metavar="NAME|JINJA", default_text="the model's"),
     Flag(("--chat-template-file",), ("LLAMA_ARG_CHAT_TEMPLATE_FILE",), "chat_template_file",
          _path, None, "read the Jinja chat template from FILE", "model", metavar="FILE",
          default_text="the model's"),
