@@ -23,7 +23,7 @@ from llamabox.types import (
     QueueFullError,
     SamplingParams,
 )
-from tests.fixtures import make_not_gguf, make_tiny_llama
+from tests.fixtures import make_not_gguf, make_tiny_llama, make_tiny_mamba
 from tests.integration.engine_helpers import collect, greedy, text_of, tokens_until_idle
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -541,3 +541,27 @@ async def test_failed_decode_spares_the_generating_bystander(tiny_model_path: Pa
         assert "".join(o.text for o in outs) == alone
         assert engine.stats().n_decode_failed_total > failed_before
         assert await text_of(engine, greedy("still serving", 8, ignore_eos=True))
+
+
+async def test_memory_that_cannot_drop_a_tail_drops_the_whole_prefix(tmp_path: Path) -> None:
+    """A recurrent model's memory refuses to remove the tail of a sequence
+    (llama_memory_seq_rm returns false): the slot then forgets its whole cached prefix and
+    prefills again, with the same output as a cold request, never a stale state."""
+    path = make_tiny_mamba(tmp_path / "tiny-mamba.gguf")
+    config = EngineConfig(model=str(path), n_parallel=1, n_ctx=1024, n_threads=2)
+    async with Engine(config) as engine:
+        for prompt in ("The quick brown fox jumps", "The quick brown fox sleeps"):
+            cold = GenerateRequest(
+                prompt=prompt,
+                max_tokens=8,
+                cache_prompt=False,
+                sampling=SamplingParams(temperature=0, ignore_eos=True, logprobs=True),
+            )
+            cold_outs, _ = await collect(engine, cold)
+            warm_outs, warm = await collect(engine, greedy(prompt, 8, ignore_eos=True))
+            assert warm.usage is not None and warm.usage.cached_tokens == 0
+            assert [t for o in warm_outs for t in o.token_ids] == [
+                t for o in cold_outs for t in o.token_ids
+            ]
+        n_prompt = len(await engine.tokenize("The quick brown fox sleeps"))
+        assert engine.stats().slots[0].n_cached == n_prompt + 8 - 1
