@@ -13,6 +13,8 @@
 #include "model.h"
 #include "sampler.h"
 #include "scheduler.h"
+#include "slot.h"
+#include "speculator.h"
 #include "text.h"
 
 namespace llamabox {
@@ -38,53 +40,7 @@ ggml_type parse_cache_type(const std::string & name) {
     throw load_error("unknown KV cache type '" + name + "' (try f16, bf16, q8_0, q4_0)");
 }
 
-void batch_add(llama_batch & b, llama_token tok, llama_pos pos, llama_seq_id seq, bool logits) {
-    const int32_t i = b.n_tokens++;
-    b.token[i]     = tok;
-    b.pos[i]       = pos;
-    b.n_seq_id[i]  = 1;
-    b.seq_id[i][0] = seq;
-    b.logits[i]    = logits;
-}
-
-std::string decode_error(int32_t ret) {
-    if (ret == 1) return "llama_decode found no room in the KV cache for this request (code 1)";
-    return "llama_decode failed for this request (code " + std::to_string(ret) + ")";
-}
-
 }  // namespace
-
-// A request being served: its sampler, output state and counters.
-struct task {
-    request            req;
-    std::unique_ptr<request_sampler> smpl;  // generation only
-    utf8_decoder       utf8;
-    stop_matcher       stops;
-    uint64_t           t_arrival  = 0;
-    bool               generating = false;
-    // The token that goes into the next step: the last prompt token first, then each sampled
-    // one. The last prompt token is decoded on its own, like a sampled token, so its logits
-    // (and the first sampled token) never depend on how much of the prompt was cached.
-    llama_token        next_token = LLAMA_TOKEN_NULL;
-    int32_t            n_cached   = 0;
-    int32_t            n_decoded  = 0;
-    int64_t            t_start_us = 0;
-    int64_t            t_first_us = 0;
-    event              ev;  // this step's output, flushed at the end of the step
-
-    size_t n_prefill() const { return req.prompt.size() - 1; }  // prompt tokens decoded as prefill
-};
-
-struct slot {
-    int32_t                  id = 0;
-    std::vector<llama_token> cache;  // tokens whose KV is in sequence `id`, at positions 0..n-1
-    uint64_t                 t_last_used = 0;
-    std::unique_ptr<task>    t;      // null when idle
-    int32_t                  n_step  = 0;   // tokens this slot put into the current batch
-    int32_t                  i_out   = -1;  // batch index of its output, -1 if none
-
-    bool is_idle() const { return t == nullptr; }
-};
 
 prepared::prepared() = default;
 prepared::~prepared() = default;
@@ -120,10 +76,14 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
     cparams.kv_unified      = params_.kv_unified;
     cparams.swa_full        = params_.swa_full;
     cparams.no_perf         = true;
-    // A step asks for logits of one token per slot (its next token), never of prompt tokens:
+    // A step asks for logits of each slot's next token and its drafts, never of prompt tokens:
     // the output buffer and the logits part of the compute buffer are sized for that, not for a
     // whole ubatch of a 262k vocabulary.
-    cparams.n_outputs_max   = (uint32_t) std::min(params_.n_batch, params_.n_parallel);
+    const auto & sp = params_.speculative;
+    const bool speculate = !sp.draft_model.empty() ||
+                           std::any_of(sp.types.begin(), sp.types.end(), [](const auto & n) { return n != "none"; });
+    const int32_t n_out_slot = speculate ? 1 + std::max(0, sp.n_max) : 1;
+    cparams.n_outputs_max   = (uint32_t) std::min<int64_t>(params_.n_batch, (int64_t) params_.n_parallel * n_out_slot);
     {
         log_capture capture;
         ctx_.reset(llama_init_from_model(model_->get(), cparams));
@@ -142,6 +102,12 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
         emb_ = std::make_unique<embedder>(*model_, ep);
     }
 
+    if (speculate) {
+        spec_ = std::make_unique<speculator>(sp, *model_, params_.model_path, ctx_.get(), params_.kv_unified,
+                                             (int32_t) cparams.n_threads, (int32_t) cparams.n_threads_batch);
+        if (spec_->default_types() == 0) spec_.reset();  // "none" given
+    }
+
     info_.path = params_.model_path;
     model_->describe(info_);
     info_.n_ctx      = (int32_t) llama_n_ctx(ctx_.get());
@@ -151,7 +117,7 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
     info_.n_embd_tokens_max = emb_ ? emb_->n_tokens_max() : 0;
 
     workers_ = std::make_unique<worker_pool>(PREPARE_THREADS, PREPARE_NICE);
-    batch_ = llama_batch_init(params_.n_batch + params_.n_parallel, 0, 1);
+    batch_ = llama_batch_init(params_.n_batch + params_.n_parallel * n_out_slot, 0, 1);
     for (int32_t i = 0; i < params_.n_parallel; ++i) {
         auto s = std::make_unique<slot>();
         s->id = i;
@@ -183,6 +149,7 @@ engine::~engine() {
     workers_.reset();
     llama_batch_free(batch_);
     slots_.clear();
+    spec_.reset();
     pending_.clear();
     pending_emb_.clear();
     inbox_.clear();
@@ -243,17 +210,54 @@ prepared engine::prepare(request && req, const std::vector<uint64_t> & ids) cons
     }
     if (out.n_prompt >= info_.n_ctx_slot) throw context_length_error(out.n_prompt, info_.n_ctx_slot);
 
+    const task_speculation spec = resolve_speculation(req.speculative);
+
     // One seed per choice: the request's, else the server's, else random for each choice.
     const int64_t base = req.sampling.seed >= 0 ? req.sampling.seed : params_.seed;
     for (size_t j = 0; j < ids.size(); ++j) {
         const uint32_t seed = base >= 0 ? (uint32_t) (((uint64_t) base + j) & 0xFFFFFFFFu) : LLAMA_DEFAULT_SEED;
         auto t = std::make_unique<task>();
         t->smpl = make_sampler(*model_, req.sampling, seed, info_.n_ctx_slot);
+        t->spec = spec;
         t->stops = stop_matcher(req.stop);
         t->req = j + 1 == ids.size() ? std::move(req) : req;
         t->req.id_req = ids[j];
         out.tasks.push_back(std::move(t));
     }
+    return out;
+}
+
+task_speculation engine::resolve_speculation(const speculative_override & o) const {
+    task_speculation out;
+    if (!spec_) {
+        if (!o.type.empty() && o.type != "none") {
+            throw invalid_request("speculative decoding is off on this server (start it with --spec-type or "
+                                  "--model-draft)", "speculative");
+        }
+        return out;
+    }
+    out.types = spec_->default_types();
+    if (!o.type.empty()) {
+        if (o.type == "none") {
+            out.types = 0;
+        } else {
+            const uint32_t bit = speculative_type_bit(o.type);
+            if (bit == 0 || !(bit & spec_->available_types())) {
+                std::string known = "none";
+                for (const auto & n : speculative_type_names()) {
+                    if (speculative_type_bit(n) & spec_->available_types()) known += ", " + n;
+                }
+                throw invalid_request("speculative.type '" + o.type + "' is not available here (" + known + ")",
+                                      "speculative");
+            }
+            out.types = bit;
+        }
+    }
+    // A draft longer than the server's --draft would not fit the output buffers: capped there.
+    out.n_max = o.n_max >= 0 ? std::min(o.n_max, spec_->n_max()) : spec_->n_max();
+    out.n_min = o.n_min >= 0 ? o.n_min : spec_->n_min();
+    out.p_min = o.p_min >= 0 ? o.p_min : spec_->p_min();
+    if (!(out.p_min <= 1.0f)) throw invalid_request("speculative.p_min must be in [0, 1]", "speculative");
     return out;
 }
 
@@ -440,6 +444,9 @@ void engine::intake(std::vector<std::unique_ptr<task>> & incoming, std::vector<u
 }
 
 bool engine::forget_from(slot & s, llama_pos from) {
+    if (spec_ && s.n_draft_synced > std::max<llama_pos>(from, 0)) {
+        s.n_draft_synced = spec_->forget_from(s.id, std::max<llama_pos>(from, 0)) ? std::max<llama_pos>(from, 0) : 0;
+    }
     llama_memory_t mem = llama_get_memory(ctx_.get());
     if (llama_memory_seq_rm(mem, s.id, from, -1)) {
         if ((size_t) from < s.cache.size()) s.cache.resize((size_t) std::max<llama_pos>(from, 0));
@@ -532,200 +539,11 @@ void engine::run_embeddings() {
     }
 }
 
-engine::decode_result engine::decode_step(int32_t n_prefill_max) {
-    // Builds the step's batch from the plan and decodes it. If llama_decode fails, the KV memory
-    // of every slot in the batch is rolled back to its committed tokens.
-    std::vector<slot_view> views;
-    int32_t n_gen = 0;
-    for (const auto & s : slots_) {
-        s->n_step = 0;
-        s->i_out = -1;
-        if (s->is_idle()) continue;
-        slot_view v;
-        v.id_slot = s->id;
-        v.generating = s->t->generating;
-        v.n_prompt_left = (int32_t) (s->t->n_prefill() - s->cache.size());
-        v.t_arrival = s->t->t_arrival;
-        n_gen += v.generating ? 1 : 0;
-        views.push_back(v);
-    }
-    const int32_t n_prefill_busy = std::min({params_.n_ubatch, params_.n_batch, n_prefill_max});
-    const auto plan = plan_step(views, std::min(params_.n_batch, n_gen + n_prefill_max), n_prefill_busy);
-
-    decode_result res;
-    batch_.n_tokens = 0;
-    for (const auto & e : plan) {
-        slot & s = *slots_[e.id_slot];
-        task & t = *s.t;
-        s.n_step = e.n_tokens;
-        if (t.generating) {
-            s.i_out = batch_.n_tokens;
-            batch_add(batch_, t.next_token, (llama_pos) s.cache.size(), s.id, true);
-        } else {
-            res.n_prefill += e.n_tokens;
-            const size_t from = s.cache.size();
-            for (size_t i = from; i < from + (size_t) e.n_tokens; ++i) {
-                batch_add(batch_, t.req.prompt[i], (llama_pos) i, s.id, false);
-            }
-        }
-    }
-    res.n_tokens = batch_.n_tokens;
-    if (batch_.n_tokens == 0) return res;
-
-    res.ret = llama_decode(ctx_.get(), batch_);
-    {
-        std::lock_guard<std::mutex> lk(mtx_stats_);
-        stats_.n_decode_total++;
-        stats_.n_decode_failed_total += res.ret != 0 ? 1 : 0;
-    }
-    if (res.ret == 0) return res;
-    res.ok = false;
-    std::fprintf(stderr, "llamabox: llama_decode failed (%d) on a batch of %d tokens (%d of prompts)\n", res.ret,
-                 batch_.n_tokens, res.n_prefill);
-    for (const auto & e : plan) {
-        slot & s = *slots_[e.id_slot];
-        if (!forget_from(s, (llama_pos) s.cache.size())) fail_slot(s, "the KV cache could not be rolled back");
-    }
-    return res;
-}
-
-void engine::run_generation() {
-    if (std::all_of(slots_.begin(), slots_.end(), [](const auto & s) { return s->is_idle(); })) return;
-
-    // A decode that finds no room in the KV cache (a shared one is full) is retried after
-    // making room at the least cost: idle slots' cached prefixes first, least recently used
-    // first; then with less prefill in the batch, down to none, so the generating slots keep
-    // going whatever a prompt does (a prompt that cannot be decoded even one token at a time
-    // fails); then by ending the fewest requests: prompts not yet generating first (they fail),
-    // then the youngest generating request (it ends with "length", its text so far intact).
-    decode_result res = decode_step(params_.n_batch);
-    while (!res.ok && res.ret == 1 && evict_idle_cache()) res = decode_step(params_.n_batch);
-
-    std::vector<int32_t> blocked;  // slots whose prefill was in a failed batch
-    int32_t n_prefill_max = res.n_prefill;
-    while (!res.ok && n_prefill_max > 0) {
-        for (const auto & s : slots_) {
-            if (s->n_step > 0 && !s->is_idle() && !s->t->generating) blocked.push_back(s->id);
-        }
-        n_prefill_max /= 2;
-        res = decode_step(n_prefill_max);
-    }
-    while (!res.ok && res.ret == 1) {
-        slot * victim = nullptr;
-        const auto rank = [](const slot & v) { return v.t->generating ? 1 : 0; };
-        for (auto & s : slots_) {
-            if (s->is_idle() || (s->t->generating ? s->n_step == 0 : s->cache.empty())) continue;
-            if (victim == nullptr || rank(*s) < rank(*victim) ||
-                (rank(*s) == rank(*victim) && s->t->t_arrival > victim->t->t_arrival)) {
-                victim = s.get();
-            }
-        }
-        if (victim == nullptr) break;
-        if (victim->t->generating) {
-            forget_from(*victim, 0);
-            finish(*victim, FINISH_REASON_LENGTH);
-        } else {
-            fail_slot(*victim, decode_error(1));
-        }
-        res = decode_step(0);
-    }
-    if (!res.ok) {
-        const std::string why = decode_error(res.ret);
-        for (auto & s : slots_) {
-            if (s->n_step > 0 && !s->is_idle()) fail_slot(*s, why);
-        }
-        return;
-    }
-    if (n_prefill_max == 0 && res.n_prefill == 0) {
-        // Prefill was shed to nothing before a batch went through: those prompts found no room.
-        for (int32_t id : blocked) {
-            slot & s = *slots_[id];
-            if (!s.is_idle() && s.n_step == 0 && !s.t->generating) fail_slot(s, decode_error(1));
-        }
-    }
-    for (auto & s : slots_) {
-        if (s->n_step > 0 && !s->is_idle()) commit_slot(*s, s->n_step);
-    }
-}
-
-bool engine::evict_idle_cache() {
-    slot * lru = nullptr;
-    for (auto & s : slots_) {
-        if (s->is_idle() && !s->cache.empty() && (lru == nullptr || s->t_last_used < lru->t_last_used)) lru = s.get();
-    }
-    if (lru == nullptr) return false;
-    forget_from(*lru, 0);
-    return true;
-}
-
-void engine::commit_slot(slot & s, int32_t n_added) {
-    task & t = *s.t;
-    if (t.generating) {
-        s.cache.push_back(t.next_token);
-        sample_and_emit(s);
-        return;
-    }
-    const size_t from = s.cache.size();
-    s.cache.insert(s.cache.end(), t.req.prompt.begin() + from, t.req.prompt.begin() + from + n_added);
-    if (s.cache.size() == t.n_prefill()) prefill_done(s);
-}
-
-void engine::prefill_done(slot & s) {
-    task & t = *s.t;
-    if (t.req.n_predict == 0) {  // nothing to generate: the prompt is cached, as llama.cpp does
-        finish(s, FINISH_REASON_LENGTH);
-        return;
-    }
-    t.generating = true;
-    t.next_token = t.req.prompt.back();
-}
-
-void engine::sample_and_emit(slot & s) {
-    task & t = *s.t;
-    llama_token tok = LLAMA_TOKEN_NULL;
-    try {
-        tok = t.smpl->sample(ctx_.get(), s.i_out);
-    } catch (const constraint_error & e) {
-        t.ev.bad_request = true;
-        finish(s, FINISH_REASON_ERROR, e.what());
-        return;
-    } catch (const std::exception & e) {
-        finish(s, FINISH_REASON_ERROR, std::string("sampling failed: ") + e.what());
-        return;
-    }
-    if (t.n_decoded == 0) t.t_first_us = now_us();
-    t.n_decoded++;
-
-    if (t.req.sampling.logprobs) {
-        const float * logits = llama_get_logits_ith(ctx_.get(), s.i_out);  // checked by sample()
-        t.ev.logprobs.push_back(t.smpl->logprob(logits, tok, t.req.sampling.n_probs));
-    }
-    if (model_->is_eog(tok) && !t.smpl->ignore_eos()) {
-        finish(s, FINISH_REASON_STOP);
-        return;
-    }
-    t.ev.tokens.push_back(tok);
-    const auto r = t.stops.push(t.utf8.push(common_token_to_piece(model_->vocab(), tok, false)));
-    t.ev.text += r.text;
-    if (r.stopped) {
-        t.ev.stop_word = r.stop_word;
-        finish(s, FINISH_REASON_STOP);
-        return;
-    }
-    if (t.req.n_predict >= 0 && t.n_decoded >= t.req.n_predict) {
-        finish(s, FINISH_REASON_LENGTH);
-        return;
-    }
-    if ((int32_t) s.cache.size() + 1 >= info_.n_ctx_slot) {
-        finish(s, FINISH_REASON_LENGTH);
-        return;
-    }
-    t.next_token = tok;
-}
-
 void engine::fail_slot(slot & s, const std::string & error) {
     llama_memory_seq_rm(llama_get_memory(ctx_.get()), s.id, -1, -1);  // a whole sequence always goes
     s.cache.clear();
+    if (spec_) spec_->forget_from(s.id, 0);
+    s.n_draft_synced = 0;
     if (!s.is_idle()) finish(s, FINISH_REASON_ERROR, error);
 }
 
@@ -752,6 +570,8 @@ void engine::finish(slot & s, finish_reason reason, const std::string & error) {
     ev.n_prompt = (int32_t) t.req.prompt.size();
     ev.n_cached = t.n_cached;
     ev.n_decoded = t.n_decoded;
+    ev.n_drafted = t.n_drafted;
+    ev.n_accepted = t.n_accepted;
     if (t.t_first_us > 0) {
         ev.t_prompt_ms = (t.t_first_us - t.t_start_us) / 1000.0;
         ev.t_gen_ms = (t_end - t.t_first_us) / 1000.0;
@@ -812,6 +632,9 @@ void engine::publish_stats() {
         si.n_cached = (int32_t) s->cache.size();
         si.n_prompt = s->t ? (int32_t) s->t->req.prompt.size() : 0;
         si.n_decoded = s->t ? s->t->n_decoded : 0;
+        si.n_drafted = s->t ? s->t->n_drafted : 0;
+        si.n_accepted = s->t ? s->t->n_accepted : 0;
+        si.draft_acceptance = s->t && s->t->spec.types ? (float) s->t->spec.acceptance : 0.0f;
         si.tag = s->t ? s->t->req.tag : std::string();
         n_busy += s->is_idle() ? 0 : 1;
         n_cells += (int64_t) s->cache.size();

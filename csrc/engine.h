@@ -25,6 +25,7 @@
 #include "llama-cpp.h"
 #include "log_sink.h"
 #include "request.h"
+#include "speculator.h"
 #include "worker_pool.h"
 
 namespace llamabox {
@@ -33,6 +34,7 @@ class embedder;
 class model;
 struct slot;
 struct task;
+struct task_speculation;
 
 struct engine_params {
     std::string model_path;
@@ -56,6 +58,7 @@ struct engine_params {
     bool        embeddings      = false;
     int32_t     pooling         = -1;    // llama_pooling_type; -1 = the model's
     std::string chat_template;           // built-in name or Jinja source; empty = the model's or a fallback
+    speculative_params speculative;      // drafting: none unless types or a draft model are given
     bool        verbose         = false;
 };
 
@@ -119,13 +122,17 @@ public:
 
 private:
     void loop();
+    task_speculation resolve_speculation(const speculative_override & o) const;
     void intake(std::vector<std::unique_ptr<task>> & incoming, std::vector<uint64_t> & cancels);
     void assign_slots();
     void run_embeddings();
     void run_generation();
+    void plan_drafts();  // this step's draft for each generating slot (step.cpp)
     void commit_slot(slot & s, int32_t n_added);
     void prefill_done(slot & s);  // the prompt's last token goes into the next step
-    void sample_and_emit(slot & s);
+    void verify(slot & s);        // samples the slot's outputs, accepts what matches its draft
+    // One sampled token out to the request: logprobs, stop strings, limits. NONE: go on.
+    finish_reason emit_token(slot & s, llama_token tok, int32_t i_out);
     void finish(slot & s, finish_reason reason, const std::string & error = {});
     void fail_slot(slot & s, const std::string & error);  // drops its KV too
     bool forget_from(slot & s, llama_pos from);  // KV and cache from `from` on; false: all dropped
@@ -140,13 +147,14 @@ private:
         int32_t n_tokens  = 0;  // tokens in the batch
         int32_t n_prefill = 0;  // of which prompt tokens (they can be shed)
     };
-    decode_result decode_step(int32_t n_prefill_max);
+    decode_result decode_step(int32_t n_prefill_max, bool with_drafts);
 
     engine_params        params_;
     log_verbose_guard    log_verbose_;
     std::unique_ptr<model> model_;
     llama_context_ptr    ctx_;
     std::unique_ptr<embedder> emb_;
+    std::unique_ptr<speculator> spec_;  // null when speculation is off
     model_info           info_;
     std::unique_ptr<worker_pool> workers_;  // destroyed first: its jobs use the model
 

@@ -56,6 +56,23 @@ model::model(const model_params & params) {
     mparams.use_extra_bufts = params.repack;
     mparams.load_mode = params.use_mmap ? (params.use_mlock ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MMAP)
                                         : (params.use_mlock ? LLAMA_LOAD_MODE_MLOCK : LLAMA_LOAD_MODE_NONE);
+    std::vector<ggml_backend_dev_t> devices;  // null-terminated, as llama.cpp wants it
+    if (!params.devices.empty()) {
+        for (const auto & name : params.devices) {
+            if (name == "none") continue;
+            ggml_backend_dev_t dev = ggml_backend_dev_by_name(name.c_str());
+            if (!dev) {
+                std::string known;
+                for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+                    known += (known.empty() ? "" : ", ") + std::string(ggml_backend_dev_name(ggml_backend_dev_get(i)));
+                }
+                throw load_error("no backend device '" + name + "' (devices: " + known + ")");
+            }
+            devices.push_back(dev);
+        }
+        devices.push_back(nullptr);
+        mparams.devices = devices.data();
+    }
     {
         log_capture capture;
         model_.reset(llama_model_load_from_file(params.path.c_str(), mparams));

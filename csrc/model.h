@@ -26,6 +26,7 @@ struct model_params {
     bool        use_mlock     = false;
     bool        repack        = true;
     std::string chat_template;  // a built-in name (chatml, llama3, ...), Jinja source, or empty
+    std::vector<std::string> devices;  // backend device names to offload to; "none" = none; empty = default
 };
 
 class model {

@@ -30,6 +30,14 @@ struct sampling_params {
     int32_t n_probs           = 0;     // and this many top alternatives
 };
 
+// A request's own speculative-decoding settings; each unset one (< 0, empty) is the server's.
+struct speculative_override {
+    int32_t     n_max = -1;  // longest draft per step; 0 = no speculation for this request
+    int32_t     n_min = -1;  // shortest draft worth verifying
+    float       p_min = -1;  // draft model: stop drafting below this top-token probability
+    std::string type;        // one drafting type (see speculator.h), or "none"
+};
+
 enum request_kind : int32_t {
     REQUEST_KIND_COMPLETION = 0,
     REQUEST_KIND_EMBEDDING  = 1,
@@ -47,6 +55,7 @@ struct request {
     std::vector<std::string> stop;
     sampling_params          sampling;
     bool                     cache_prompt = true;
+    speculative_override     speculative;
     std::string              tag;                // the caller's request id, for logs
 };
 
@@ -98,6 +107,9 @@ struct slot_info {
     int32_t     n_cached  = 0;  // tokens in the slot's KV cache
     int32_t     n_prompt  = 0;
     int32_t     n_decoded = 0;
+    int32_t     n_drafted = 0;   // draft tokens verified for the current request
+    int32_t     n_accepted = 0;  // of which accepted
+    float       draft_acceptance = 0.0f;  // the scheduler's estimate of its per-token acceptance
     std::string tag;
 };
 

@@ -76,6 +76,13 @@ void bind_types(py::module_ & m) {
         .def_readwrite("logprobs", &sampling_params::logprobs)
         .def_readwrite("n_probs", &sampling_params::n_probs);
 
+    py::class_<speculative_override>(m, "SpeculativeOverride")
+        .def(py::init<>())
+        .def_readwrite("n_max", &speculative_override::n_max)
+        .def_readwrite("n_min", &speculative_override::n_min)
+        .def_readwrite("p_min", &speculative_override::p_min)
+        .def_readwrite("type", &speculative_override::type);
+
     py::class_<request>(m, "Request")
         .def(py::init<>())
         .def_readwrite("id_req", &request::id_req)
@@ -89,6 +96,7 @@ void bind_types(py::module_ & m) {
         .def_readwrite("stop", &request::stop)
         .def_readwrite("sampling", &request::sampling)
         .def_readwrite("cache_prompt", &request::cache_prompt)
+        .def_readwrite("speculative", &request::speculative)
         .def_readwrite("tag", &request::tag);
 
     py::class_<token_logprob>(m, "TokenLogprob")
@@ -124,6 +132,9 @@ void bind_types(py::module_ & m) {
         .def_readonly("n_cached", &slot_info::n_cached)
         .def_readonly("n_prompt", &slot_info::n_prompt)
         .def_readonly("n_decoded", &slot_info::n_decoded)
+        .def_readonly("n_drafted", &slot_info::n_drafted)
+        .def_readonly("n_accepted", &slot_info::n_accepted)
+        .def_readonly("draft_acceptance", &slot_info::draft_acceptance)
         .def_readonly("tag", &slot_info::tag);
 
     py::class_<engine_stats>(m, "EngineStats")
@@ -170,6 +181,36 @@ void bind_types(py::module_ & m) {
         .def_readonly("n_prompt", &prepared::n_prompt)
         .def_property_readonly("n_requests", [](const prepared & p) { return p.tasks.size(); });
 
+    py::class_<ngram_map_params>(m, "NgramMapParams")
+        .def(py::init<>())
+        .def_readwrite("size_n", &ngram_map_params::size_n)
+        .def_readwrite("size_m", &ngram_map_params::size_m)
+        .def_readwrite("min_hits", &ngram_map_params::min_hits);
+
+    py::class_<speculative_params>(m, "SpeculativeParams")
+        .def(py::init<>())
+        .def_readwrite("types", &speculative_params::types)
+        .def_readwrite("n_max", &speculative_params::n_max)
+        .def_readwrite("n_min", &speculative_params::n_min)
+        .def_readwrite("p_min", &speculative_params::p_min)
+        .def_readwrite("adaptive", &speculative_params::adaptive)
+        .def_readwrite("draft_model", &speculative_params::draft_model)
+        .def_readwrite("draft_n_gpu_layers", &speculative_params::draft_n_gpu_layers)
+        .def_readwrite("draft_n_ctx", &speculative_params::draft_n_ctx)
+        .def_readwrite("draft_n_threads", &speculative_params::draft_n_threads)
+        .def_readwrite("draft_n_threads_batch", &speculative_params::draft_n_threads_batch)
+        .def_readwrite("draft_cache_type_k", &speculative_params::draft_cache_type_k)
+        .def_readwrite("draft_cache_type_v", &speculative_params::draft_cache_type_v)
+        .def_readwrite("draft_devices", &speculative_params::draft_devices)
+        .def_readwrite("ngram_simple", &speculative_params::ngram_simple)
+        .def_readwrite("ngram_map_k", &speculative_params::ngram_map_k)
+        .def_readwrite("ngram_map_k4v", &speculative_params::ngram_map_k4v)
+        .def_readwrite("ngram_mod_n_match", &speculative_params::ngram_mod_n_match)
+        .def_readwrite("ngram_mod_n_min", &speculative_params::ngram_mod_n_min)
+        .def_readwrite("ngram_mod_n_max", &speculative_params::ngram_mod_n_max)
+        .def_readwrite("lookup_cache_static", &speculative_params::lookup_cache_static)
+        .def_readwrite("lookup_cache_dynamic", &speculative_params::lookup_cache_dynamic);
+
     py::class_<engine_params>(m, "EngineParams")
         .def(py::init<>())
         .def_readwrite("model_path", &engine_params::model_path)
@@ -193,6 +234,7 @@ void bind_types(py::module_ & m) {
         .def_readwrite("embeddings", &engine_params::embeddings)
         .def_readwrite("pooling", &engine_params::pooling)
         .def_readwrite("chat_template", &engine_params::chat_template)
+        .def_readwrite("speculative", &engine_params::speculative)
         .def_readwrite("verbose", &engine_params::verbose);
 }
 
@@ -301,6 +343,20 @@ void bind_testing(py::module_ & m) {
         for (const auto & s : idle) views.push_back({std::get<0>(s), &std::get<1>(s), std::get<2>(s)});
         return choose_slot(views, prompt);
     });
+    m.def("draft_allocate",
+          [](const std::vector<std::tuple<int32_t, double, bool>> & slots, int32_t n_gen, int32_t n_other,
+             const std::vector<std::pair<int32_t, double>> & decodes, double draft_step_ms) {
+              draft_policy p;
+              for (const auto & [n, ms] : decodes) p.observe_decode(n, ms);
+              p.observe_draft_step(draft_step_ms);
+              std::vector<draft_policy::slot_in> in;
+              for (const auto & [n, a, model] : slots) in.push_back({n, a, model});
+              return p.allocate(in, n_gen, n_other);
+          },
+          py::arg("slots"), py::arg("n_gen"), py::arg("n_other"), py::arg("decodes"), py::arg("draft_step_ms") = 0.0,
+          "Draft tokens per slot ((n_avail, acceptance, by_model) each) after observing `decodes` "
+          "((n_tokens, ms) each).");
+    m.def("update_acceptance", &update_acceptance, py::arg("prior"), py::arg("n_drafted"), py::arg("n_accepted"));
     m.def("log_sink_installed", &log_sink_installed,
           "Whether llama.cpp logs into the process-wide sink (never a dangling one).");
     m.def("utf8_complete_prefix", [](const py::bytes & b) { return utf8_complete_prefix(std::string(b)); });
@@ -348,6 +404,8 @@ PYBIND11_MODULE(_core, m) {
 
     bind_types(m);
     bind_engine(m);
+    m.def("speculative_type_names", &speculative_type_names,
+          "The drafting types --spec-type and a request's speculative.type take.");
     m.def("builtin_chat_templates", &builtin_chat_templates,
           "The names of llama.cpp's built-in chat templates (--chat-template NAME).");
     auto testing = m.def_submodule("testing", "pure helpers exposed for unit tests");

@@ -21,7 +21,13 @@ import msgspec
 
 from llamabox import _core
 from llamabox.config import ServerConfig
-from llamabox.types import EngineConfig, ModelLoadError, SamplingParams
+from llamabox.types import (
+    EngineConfig,
+    ModelLoadError,
+    NgramMapConfig,
+    SamplingParams,
+    SpeculativeConfig,
+)
 
 __all__ = [
     "FLAGS",
@@ -35,6 +41,8 @@ __all__ = [
 Action = Literal["value", "append", "optional", "store_true", "store_false"]
 
 _ENGINE = EngineConfig(model="")
+_SPEC = SpeculativeConfig()
+_NGRAM = NgramMapConfig()
 _SAMPLING = SamplingParams()
 _SERVER = ServerConfig(engine=_ENGINE)
 _KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
@@ -191,9 +199,41 @@ def _size(text: str) -> int:
     return value
 
 
+_SPEC_TYPES = ("none", "draft", *_core.speculative_type_names())
+
+
+def _spec_types(text: str) -> list[str]:
+    names = _csv(text.lower())
+    if not names:
+        raise ValueError("expected one or more speculative types")
+    for name in names:
+        if name not in _SPEC_TYPES:
+            raise ValueError(f"unknown speculative type {name!r}: expected {', '.join(_SPEC_TYPES)}")
+    return names
+
+
+def _ngram_flags(kind: str) -> tuple[Flag, ...]:
+    """--spec-ngram-KIND-size-n, -size-m, -min-hits for one n-gram map type."""
+    env = f"LLAMA_ARG_SPEC_NGRAM_{kind.upper().replace('-', '_')}"
+    dest = f"spec.ngram_{kind.replace('-', '_')}"
+    return (
+        Flag((f"--spec-ngram-{kind}-size-n",), (f"{env}_SIZE_N",), f"{dest}.size_n",
+             _int(lo=1, hi=1024), None, f"{kind}: length of the n-gram looked up", "speculative",
+             metavar="N", default_text=f"--spec-ngram-size-n, else {_NGRAM.size_n}"),
+        Flag((f"--spec-ngram-{kind}-size-m",), (f"{env}_SIZE_M",), f"{dest}.size_m",
+             _int(lo=1, hi=1024), None, f"{kind}: length of the m-gram drafted after it",
+             "speculative", metavar="N", default_text=f"--spec-ngram-size-m, else {_NGRAM.size_m}"),
+        Flag((f"--spec-ngram-{kind}-min-hits",), (f"{env}_MIN_HITS",), f"{dest}.min_hits",
+             _int(lo=1, hi=65535), None, f"{kind}: times an n-gram must have been seen",
+             "speculative", metavar="N",
+             default_text=f"--spec-ngram-min-hits, else {_NGRAM.min_hits}"),
+    )
+
+
 _GROUPS = {
     "model": "model",
     "engine": "engine (context, batching, threads, KV cache)",
+    "speculative": "speculative decoding (a draft model, or n-gram lookup in the text so far)",
     "sampling": "sampling defaults (a request's own values win)",
     "server": "server",
 }
@@ -270,6 +310,91 @@ FLAGS: tuple[Flag, ...] = (
          _choice("none", "mean", "cls", "last"), _ENGINE.pooling,
          "how an embedding pools its tokens' vectors; none = one vector per token", "engine",
          metavar="{none,mean,cls,last}", default_text="the model's"),
+    Flag(("--spec-type",), ("LLAMA_ARG_SPEC_TYPE",), "spec.types", _spec_types, [],
+         "comma-separated drafting types: draft-simple (needs --model-draft), ngram-simple, "
+         "ngram-map-k, ngram-map-k4v, ngram-mod, ngram-cache, or none; several are tried in that "
+         "order", "speculative", metavar="TYPES",
+         default_text="none; draft-simple with --model-draft"),
+    Flag(("-md", "--spec-draft-model", "--model-draft"),
+         ("LLAMA_ARG_MODEL_DRAFT", "LLAMA_ARG_SPEC_DRAFT_MODEL"), "spec.draft_model", _path, None,
+         "GGUF of a draft model (same vocabulary as --model) for speculative decoding",
+         "speculative", metavar="FILE", default_text="none"),
+    Flag(("--draft", "--draft-n", "--spec-draft-n-max", "--draft-max"),
+         ("LLAMA_ARG_DRAFT_MAX", "LLAMA_ARG_SPEC_DRAFT_N_MAX"), "spec.n_max", _int(lo=0, hi=1024),
+         _SPEC.n_max, "most draft tokens verified per step and slot (all types); with "
+         "--spec-adaptive, fewer when they do not pay", "speculative", metavar="N"),
+    Flag(("--draft-min", "--draft-n-min", "--spec-draft-n-min"),
+         ("LLAMA_ARG_DRAFT_MIN", "LLAMA_ARG_SPEC_DRAFT_N_MIN"), "spec.n_min", _int(lo=0, hi=1024),
+         _SPEC.n_min, "shorter drafts are not verified", "speculative", metavar="N"),
+    Flag(("--draft-p-min", "--spec-draft-p-min"),
+         ("LLAMA_ARG_DRAFT_P_MIN", "LLAMA_ARG_SPEC_DRAFT_P_MIN"), "spec.p_min", _float(lo=0, hi=1),
+         _SPEC.p_min, "the draft model stops drafting at a token it gives less than this "
+         "probability", "speculative", metavar="P"),
+    Flag(("--no-spec-adaptive",), ("LLAMA_ARG_SPEC_ADAPTIVE",), "spec.adaptive", None,
+         _SPEC.adaptive, "verify every draft up to --draft instead of only the draft tokens that "
+         "raise tokens per second (measured per step from the decode times and each request's "
+         "acceptance)", "speculative", action="store_false",
+         env_negated=("LLAMA_ARG_NO_SPEC_ADAPTIVE",)),
+    Flag(("-ngld", "--spec-draft-ngl", "--gpu-layers-draft", "--n-gpu-layers-draft"),
+         ("LLAMA_ARG_N_GPU_LAYERS_DRAFT",), "spec.draft_n_gpu_layers", _gpu_layers,
+         _SPEC.draft_n_gpu_layers, "draft model layers offloaded to the GPU; -1, all or auto = "
+         "every layer that fits", "speculative", metavar="N"),
+    Flag(("-cd", "--ctx-size-draft"), ("LLAMA_ARG_CTX_SIZE_DRAFT",), "spec.draft_n_ctx",
+         _int(lo=0), _SPEC.draft_n_ctx, "draft model's context size; 0 = the same as --ctx-size",
+         "speculative", metavar="N"),
+    Flag(("-devd", "--spec-draft-device", "--device-draft"), ("LLAMA_ARG_SPEC_DRAFT_DEVICE",),
+         "spec.draft_devices", _csv, [], "comma-separated backend devices for the draft model, "
+         "or none (no offloading)", "speculative", metavar="DEVICES",
+         default_text="the default devices"),
+    Flag(("-td", "--spec-draft-threads", "--threads-draft"), ("LLAMA_ARG_THREADS_DRAFT",),
+         "spec.draft_n_threads", _int(lo=-1, negative=0), _SPEC.draft_n_threads,
+         "CPU threads of the draft model; 0 = same as --threads", "speculative", metavar="N"),
+    Flag(("-tbd", "--spec-draft-threads-batch", "--threads-batch-draft"),
+         ("LLAMA_ARG_THREADS_BATCH_DRAFT",), "spec.draft_n_threads_batch",
+         _int(lo=-1, negative=0), _SPEC.draft_n_threads_batch,
+         "CPU threads of the draft model for batches; 0 = same as --threads-draft",
+         "speculative", metavar="N"),
+    Flag(("-ctkd", "--spec-draft-type-k", "--cache-type-k-draft"),
+         ("LLAMA_ARG_SPEC_DRAFT_CACHE_TYPE_K",), "spec.draft_cache_type_k",
+         _choice(*_KV_CACHE_TYPES), _SPEC.draft_cache_type_k, "draft model's KV cache type for K",
+         "speculative", metavar="TYPE"),
+    Flag(("-ctvd", "--spec-draft-type-v", "--cache-type-v-draft"),
+         ("LLAMA_ARG_SPEC_DRAFT_CACHE_TYPE_V",), "spec.draft_cache_type_v",
+         _choice(*_KV_CACHE_TYPES), _SPEC.draft_cache_type_v, "draft model's KV cache type for V",
+         "speculative", metavar="TYPE"),
+    Flag(("--spec-ngram-size-n",), ("LLAMA_ARG_SPEC_NGRAM_SIZE_N",), "spec_ngram.size_n",
+         _int(lo=1, hi=1024), _NGRAM.size_n, "every n-gram map type (ngram-simple, -map-k, "
+         "-map-k4v): length of the n-gram looked up", "speculative", metavar="N"),
+    Flag(("--spec-ngram-size-m",), ("LLAMA_ARG_SPEC_NGRAM_SIZE_M",), "spec_ngram.size_m",
+         _int(lo=1, hi=1024), _NGRAM.size_m, "every n-gram map type: length of the m-gram "
+         "drafted", "speculative", metavar="N"),
+    Flag(("--spec-ngram-min-hits",), ("LLAMA_ARG_SPEC_NGRAM_MIN_HITS",), "spec_ngram.min_hits",
+         _int(lo=1, hi=65535), _NGRAM.min_hits, "every n-gram map type: times an n-gram must "
+         "have been seen", "speculative", metavar="N"),
+    *_ngram_flags("simple"),
+    *_ngram_flags("map-k"),
+    *_ngram_flags("map-k4v"),
+    Flag(("--spec-ngram-mod-n-match",), ("LLAMA_ARG_SPEC_NGRAM_MOD_N_MATCH",),
+         "spec.ngram_mod_n_match", _int(lo=1, hi=1024), _SPEC.ngram_mod_n_match,
+         "ngram-mod: length of the n-gram looked up", "speculative", metavar="N"),
+    Flag(("--spec-ngram-mod-n-min",), ("LLAMA_ARG_SPEC_NGRAM_MOD_N_MIN",),
+         "spec.ngram_mod_n_min", _int(lo=0, hi=1024), _SPEC.ngram_mod_n_min,
+         "ngram-mod: shortest draft it makes", "speculative", metavar="N"),
+    Flag(("--spec-ngram-mod-n-max",), ("LLAMA_ARG_SPEC_NGRAM_MOD_N_MAX",),
+         "spec.ngram_mod_n_max", _int(lo=1, hi=1024), _SPEC.ngram_mod_n_max,
+         "ngram-mod: longest draft it makes (then capped at --draft)", "speculative",
+         metavar="N"),
+    Flag(("--lookup-ngram-min",), ("LLAMA_ARG_LOOKUP_NGRAM_MIN",), "lookup_ngram_min",
+         _int(lo=0, hi=4), 0, "LLaMA Box's lookup decoding: N > 0 turns on ngram-cache "
+         "(llama.cpp's cache looks up n-grams of 1 to 4 tokens; N only switches it on)",
+         "speculative", metavar="N", default_text="0: off"),
+    Flag(("-lcs", "--lookup-cache-static"), ("LLAMA_ARG_LOOKUP_CACHE_STATIC",),
+         "spec.lookup_cache_static", _path, None, "ngram-cache: a static lookup cache file "
+         "(llama-lookup-create's), not updated; turns ngram-cache on", "speculative",
+         metavar="FILE", default_text="none"),
+    Flag(("-lcd", "--lookup-cache-dynamic"), ("LLAMA_ARG_LOOKUP_CACHE_DYNAMIC",),
+         "spec.lookup_cache_dynamic", _path, None, "ngram-cache: a dynamic lookup cache file; "
+         "turns ngram-cache on", "speculative", metavar="FILE", default_text="none"),
     Flag(("-s", "--seed"), ("LLAMA_ARG_SEED",), "engine.seed", _int(hi=2**32 - 1, negative=-1),
          _ENGINE.seed, "RNG seed of requests that give none; -1 = random", "sampling",
          metavar="N"),
@@ -517,6 +642,29 @@ def _api_keys(settings: Mapping[str, _Setting]) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
+def _speculative(
+    sections: Mapping[str, dict[str, Any]], settings: Mapping[str, _Setting]
+) -> SpeculativeConfig:
+    spec = dict(sections["spec"])
+    generic = sections["spec_ngram"]  # --spec-ngram-size-n etc.: each map type's default
+    for kind in ("ngram_simple", "ngram_map_k", "ngram_map_k4v"):
+        spec[kind] = NgramMapConfig(**{**generic, **spec.get(kind, {})})
+    types = list(spec["types"])
+    lookup = settings["lookup_ngram_min"].value > 0
+    if (lookup or spec["lookup_cache_static"] or spec["lookup_cache_dynamic"]) and (
+        "ngram-cache" not in types
+    ):
+        types.append("ngram-cache")
+    for dest in ("spec.lookup_cache_static", "spec.lookup_cache_dynamic", "spec.draft_model"):
+        setting = settings[dest]
+        if setting.value is not None and not Path(setting.value).is_file():
+            raise UsageError(f"{setting.source}: no such file: {setting.value}")
+    if "none" in types:
+        types = ["none"]
+    spec["types"] = types
+    return SpeculativeConfig(**spec)
+
+
 def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str]) -> ServerConfig:
     """The :class:`ServerConfig` that ``llamabox serve ARGV`` runs with in ``environ``.
 
@@ -528,11 +676,18 @@ def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str]) -> ServerC
     settings = {
         flag.dest: _resolve(flag, getattr(namespace, _ns_key(flag)), environ) for flag in FLAGS
     }
-    sections: dict[str, dict[str, Any]] = {"engine": {}, "sampling": {}, "server": {}}
+    sections: dict[str, dict[str, Any]] = {
+        "engine": {}, "sampling": {}, "server": {}, "spec": {}, "spec_ngram": {}
+    }
     for dest, setting in settings.items():
         section, _, field = dest.partition(".")
-        if field:
+        if "." in field:  # spec.ngram_simple.size_n: given ones only, defaults come below
+            group, _, sub = field.partition(".")
+            if setting.level > 0:
+                sections[section].setdefault(group, {})[sub] = setting.value
+        elif field:
             sections[section][field] = setting.value
+    sections["engine"]["speculative"] = _speculative(sections, settings)
 
     verbose = bool(settings["verbose"].value)
     sections["engine"]["verbose"] = verbose

@@ -41,6 +41,7 @@ from llamabox.types import (
     ModelLoadError,
     QueueFullError,
     SlotInfo,
+    SpeculativeConfig,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -87,8 +88,27 @@ def _engine_params(config: EngineConfig) -> _core.EngineParams:
     p.embeddings = config.embeddings
     p.pooling = _POOLING[config.pooling]
     p.chat_template = config.chat_template or ""
+    p.speculative = _speculative_params(config.speculative)
     p.verbose = config.verbose
     return p
+
+
+def _speculative_params(config: SpeculativeConfig) -> _core.SpeculativeParams:
+    sp = _core.SpeculativeParams()
+    sp.types = list(config.types)
+    for field in ("n_max", "n_min", "p_min", "adaptive", "draft_n_gpu_layers", "draft_n_ctx",
+                  "draft_n_threads", "draft_n_threads_batch", "draft_cache_type_k",
+                  "draft_cache_type_v", "ngram_mod_n_match", "ngram_mod_n_min", "ngram_mod_n_max"):
+        setattr(sp, field, getattr(config, field))
+    sp.draft_model = config.draft_model or ""
+    sp.draft_devices = list(config.draft_devices)
+    for name in ("ngram_simple", "ngram_map_k", "ngram_map_k4v"):
+        src, dst = getattr(config, name), _core.NgramMapParams()
+        dst.size_n, dst.size_m, dst.min_hits = src.size_n, src.size_m, src.min_hits
+        setattr(sp, name, dst)
+    sp.lookup_cache_static = config.lookup_cache_static or ""
+    sp.lookup_cache_dynamic = config.lookup_cache_dynamic or ""
+    return sp
 
 
 def _invalid(e: _core.InvalidRequest) -> InvalidRequestError:
@@ -119,6 +139,16 @@ def _native_request(request: GenerateRequest, max_tokens: int) -> _core.Request:
     _set(req, "n_predict", max_tokens, "max_tokens")
     req.stop = list(request.stop)
     req.cache_prompt = request.cache_prompt
+    if request.speculative is not None:
+        o, so = request.speculative, _core.SpeculativeOverride()
+        if o.n_max is not None:
+            _set(so, "n_max", o.n_max, "speculative.n_max")
+        if o.n_min is not None:
+            _set(so, "n_min", o.n_min, "speculative.n_min")
+        if o.p_min is not None:
+            _set(so, "p_min", o.p_min, "speculative.p_min")
+        so.type = o.type or ""
+        req.speculative = so
     req.tag = request.request_id or ""
     sp, s = request.sampling, req.sampling
     for field in (
@@ -551,6 +581,9 @@ class Engine:
                     n_cached=x.n_cached,
                     n_prompt=x.n_prompt,
                     n_decoded=x.n_decoded,
+                    n_drafted=x.n_drafted,
+                    n_accepted=x.n_accepted,
+                    draft_acceptance=round(x.draft_acceptance, 4),
                     request_id=x.tag or None,
                 )
                 for x in s.slots

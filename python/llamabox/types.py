@@ -22,11 +22,64 @@ PoolingType = Literal["model", "none", "mean", "cls", "last"]
 _ENGINE = _core.EngineParams()
 _SAMPLING = _core.SamplingParams()
 _REQUEST = _core.Request()
+_SPEC = _ENGINE.speculative
 
 
 def _f32(value: float) -> float:
     """A C++ float as the decimal it was written as (0.8, not 0.800000011920929)."""
     return float(f"{value:.7g}")
+
+
+class NgramMapConfig(msgspec.Struct, kw_only=True):
+    """One n-gram map type's sizes (ngram-simple, ngram-map-k, ngram-map-k4v)."""
+
+    size_n: int = _SPEC.ngram_simple.size_n  # n-gram looked up
+    size_m: int = _SPEC.ngram_simple.size_m  # m-gram drafted after it
+    min_hits: int = _SPEC.ngram_simple.min_hits  # times the n-gram must have been seen
+
+
+class SpeculativeConfig(msgspec.Struct, kw_only=True):
+    """Speculative decoding: drafted tokens verified in the same step as everything else.
+
+    Off unless ``types`` names a drafting type or ``draft_model`` is given. Types are
+    llama.cpp's names: draft-simple (a draft model), ngram-simple, ngram-map-k, ngram-map-k4v,
+    ngram-mod and ngram-cache.
+    """
+
+    types: list[str] = []
+    n_max: int = _SPEC.n_max  # longest draft per step
+    n_min: int = _SPEC.n_min  # shorter drafts are not verified
+    p_min: float = _f32(_SPEC.p_min)  # draft model: stop below this top-token probability
+    adaptive: bool = _SPEC.adaptive  # verify only the draft tokens that pay for themselves
+    draft_model: str | None = None
+    draft_n_gpu_layers: int = _SPEC.draft_n_gpu_layers
+    draft_n_ctx: int = _SPEC.draft_n_ctx  # 0 = the target's
+    draft_n_threads: int = _SPEC.draft_n_threads  # 0 = the target's
+    draft_n_threads_batch: int = _SPEC.draft_n_threads_batch
+    draft_cache_type_k: str = _SPEC.draft_cache_type_k
+    draft_cache_type_v: str = _SPEC.draft_cache_type_v
+    draft_devices: list[str] = []
+    ngram_simple: NgramMapConfig = msgspec.field(default_factory=NgramMapConfig)
+    ngram_map_k: NgramMapConfig = msgspec.field(default_factory=NgramMapConfig)
+    ngram_map_k4v: NgramMapConfig = msgspec.field(default_factory=NgramMapConfig)
+    ngram_mod_n_match: int = _SPEC.ngram_mod_n_match
+    ngram_mod_n_min: int = _SPEC.ngram_mod_n_min
+    ngram_mod_n_max: int = _SPEC.ngram_mod_n_max
+    lookup_cache_static: str | None = None
+    lookup_cache_dynamic: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.draft_model) or any(t != "none" for t in self.types)
+
+
+class SpeculativeOverride(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A request's own speculative settings; None: the server's."""
+
+    n_max: int | None = None  # 0 = no speculation for this request; capped at the server's
+    n_min: int | None = None
+    p_min: float | None = None
+    type: str | None = None  # one type the server has, or "none"
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):
@@ -54,6 +107,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     pooling: PoolingType = "model"
     chat_template: str | None = None  # built-in name (chatml, llama3, ...) or Jinja source
     n_predict: int = _REQUEST.n_predict  # max tokens of requests without one; -1 = context full
+    speculative: SpeculativeConfig = msgspec.field(default_factory=SpeculativeConfig)
     verbose: bool = _ENGINE.verbose  # llama.cpp's own logs
 
 
@@ -86,6 +140,7 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     add_special: bool = _REQUEST.add_special  # BOS etc. when tokenizing a text prompt
     parse_special: bool = _REQUEST.parse_special  # special tokens written in the text count
     cache_prompt: bool = _REQUEST.cache_prompt  # reuse a slot's cached prefix
+    speculative: SpeculativeOverride | None = None  # None: the server's settings
     request_id: str | None = None  # for logs
 
 
@@ -158,6 +213,9 @@ class SlotInfo(msgspec.Struct, kw_only=True):
     n_cached: int  # tokens in this slot's KV cache
     n_prompt: int
     n_decoded: int
+    n_drafted: int = 0  # draft tokens verified for the current request
+    n_accepted: int = 0  # of which accepted
+    draft_acceptance: float = 0.0  # the scheduler's per-token acceptance estimate
     request_id: str | None
 
 

@@ -13,7 +13,13 @@ import pytest
 import llamabox.models
 from llamabox.cli import FLAGS, UsageError, flag_reference_markdown, main, parse_serve_args
 from llamabox.config import ServerConfig
-from llamabox.types import EngineConfig, ModelLoadError, SamplingParams
+from llamabox.types import (
+    EngineConfig,
+    ModelLoadError,
+    NgramMapConfig,
+    SamplingParams,
+    SpeculativeConfig,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -36,12 +42,17 @@ def test_every_flag_maps_to_a_real_field() -> None:
         "engine": EngineConfig,
         "sampling": SamplingParams,
         "server": ServerConfig,
+        "spec": SpeculativeConfig,
+        "spec_ngram": NgramMapConfig,
     }
     for flag in FLAGS:
         section, _, name = flag.dest.partition(".")
-        if name:
-            fields = {f.name for f in msgspec.structs.fields(structs[section])}
-            assert name in fields, flag.flags
+        struct = structs.get(section)
+        for part in name.split(".") if name else []:
+            assert struct is not None, flag.flags
+            fields = {f.name: f.type for f in msgspec.structs.fields(struct)}
+            assert part in fields, flag.flags
+            struct = fields[part] if isinstance(fields[part], type) else None
     spellings = [s for flag in FLAGS for s in flag.flags]
     assert len(spellings) == len(set(spellings))
     env = [e for flag in FLAGS for e in (*flag.env, *flag.env_negated)]
@@ -137,6 +148,42 @@ ENV_CASES = [
     ("LLAMA_ARG_GRAMMAR", "root ::= y", "sampling.grammar", "root ::= y"),
     ("LLAMA_ARG_JSON_SCHEMA", '{"type": "object"}', "sampling.json_schema",
      '{"type": "object"}'),
+    ("LLAMA_ARG_SPEC_TYPE", "ngram-mod, ngram-map-k", "engine.speculative.types",
+     ["ngram-mod", "ngram-map-k"]),
+    ("LLAMA_ARG_DRAFT_MAX", "8", "engine.speculative.n_max", 8),
+    ("LLAMA_ARG_SPEC_DRAFT_N_MAX", "9", "engine.speculative.n_max", 9),
+    ("LLAMA_ARG_DRAFT_MIN", "2", "engine.speculative.n_min", 2),
+    ("LLAMA_ARG_SPEC_DRAFT_N_MIN", "3", "engine.speculative.n_min", 3),
+    ("LLAMA_ARG_DRAFT_P_MIN", "0.5", "engine.speculative.p_min", 0.5),
+    ("LLAMA_ARG_SPEC_DRAFT_P_MIN", "0.6", "engine.speculative.p_min", 0.6),
+    ("LLAMA_ARG_SPEC_ADAPTIVE", "0", "engine.speculative.adaptive", False),
+    ("LLAMA_ARG_NO_SPEC_ADAPTIVE", "1", "engine.speculative.adaptive", False),
+    ("LLAMA_ARG_N_GPU_LAYERS_DRAFT", "3", "engine.speculative.draft_n_gpu_layers", 3),
+    ("LLAMA_ARG_CTX_SIZE_DRAFT", "1024", "engine.speculative.draft_n_ctx", 1024),
+    ("LLAMA_ARG_SPEC_DRAFT_DEVICE", "none", "engine.speculative.draft_devices", ["none"]),
+    ("LLAMA_ARG_THREADS_DRAFT", "2", "engine.speculative.draft_n_threads", 2),
+    ("LLAMA_ARG_THREADS_BATCH_DRAFT", "3", "engine.speculative.draft_n_threads_batch", 3),
+    ("LLAMA_ARG_SPEC_DRAFT_CACHE_TYPE_K", "q8_0", "engine.speculative.draft_cache_type_k",
+     "q8_0"),
+    ("LLAMA_ARG_SPEC_DRAFT_CACHE_TYPE_V", "q8_0", "engine.speculative.draft_cache_type_v",
+     "q8_0"),
+    ("LLAMA_ARG_SPEC_NGRAM_SIZE_N", "4", "engine.speculative.ngram_map_k.size_n", 4),
+    ("LLAMA_ARG_SPEC_NGRAM_SIZE_M", "5", "engine.speculative.ngram_simple.size_m", 5),
+    ("LLAMA_ARG_SPEC_NGRAM_MIN_HITS", "2", "engine.speculative.ngram_map_k4v.min_hits", 2),
+    ("LLAMA_ARG_SPEC_NGRAM_SIMPLE_SIZE_N", "6", "engine.speculative.ngram_simple.size_n", 6),
+    ("LLAMA_ARG_SPEC_NGRAM_SIMPLE_SIZE_M", "7", "engine.speculative.ngram_simple.size_m", 7),
+    ("LLAMA_ARG_SPEC_NGRAM_SIMPLE_MIN_HITS", "2", "engine.speculative.ngram_simple.min_hits", 2),
+    ("LLAMA_ARG_SPEC_NGRAM_MAP_K_SIZE_N", "6", "engine.speculative.ngram_map_k.size_n", 6),
+    ("LLAMA_ARG_SPEC_NGRAM_MAP_K_SIZE_M", "7", "engine.speculative.ngram_map_k.size_m", 7),
+    ("LLAMA_ARG_SPEC_NGRAM_MAP_K_MIN_HITS", "2", "engine.speculative.ngram_map_k.min_hits", 2),
+    ("LLAMA_ARG_SPEC_NGRAM_MAP_K4V_SIZE_N", "6", "engine.speculative.ngram_map_k4v.size_n", 6),
+    ("LLAMA_ARG_SPEC_NGRAM_MAP_K4V_SIZE_M", "7", "engine.speculative.ngram_map_k4v.size_m", 7),
+    ("LLAMA_ARG_SPEC_NGRAM_MAP_K4V_MIN_HITS", "2", "engine.speculative.ngram_map_k4v.min_hits",
+     2),
+    ("LLAMA_ARG_SPEC_NGRAM_MOD_N_MATCH", "16", "engine.speculative.ngram_mod_n_match", 16),
+    ("LLAMA_ARG_SPEC_NGRAM_MOD_N_MIN", "4", "engine.speculative.ngram_mod_n_min", 4),
+    ("LLAMA_ARG_SPEC_NGRAM_MOD_N_MAX", "32", "engine.speculative.ngram_mod_n_max", 32),
+    ("LLAMA_ARG_LOOKUP_NGRAM_MIN", "1", "engine.speculative.types", ["ngram-cache"]),
 ]  # fmt: skip
 
 
@@ -152,7 +199,10 @@ def test_every_env_var_is_read() -> None:
     tested = {case[0] for case in ENV_CASES}
     untested = {"LLAMA_ARG_CHAT_TEMPLATE_FILE", "LLAMA_ARG_API_KEY_FILE", "LLAMA_ARG_GRAMMAR_FILE",
                 "LLAMA_ARG_JSON_SCHEMA_FILE", "LLAMA_ARG_TYPICAL", "LLAMA_ARG_REPEAT_LAST_N",
-                "LLAMA_ARG_NO_SWA_FULL"}  # fmt: skip
+                "LLAMA_ARG_NO_SWA_FULL",
+                # files: test_speculative_files
+                "LLAMA_ARG_MODEL_DRAFT", "LLAMA_ARG_SPEC_DRAFT_MODEL",
+                "LLAMA_ARG_LOOKUP_CACHE_STATIC", "LLAMA_ARG_LOOKUP_CACHE_DYNAMIC"}  # fmt: skip
     every = {e for flag in FLAGS for e in (*flag.env, *flag.env_negated)}
     assert every - tested <= untested
 
@@ -457,3 +507,35 @@ def test_flag_reference_markdown() -> None:
         assert all(f"`{name}" in text for name in (*flag.env, *flag.env_negated))
     assert "`--flash-attn [on\\|off\\|auto]`" in text
     assert "`LLAMA_ARG_NO_SLOTS=1`" in text and "`LLAMA_ARG_SLOTS=0`" in text
+
+
+def test_speculative_files(tmp_path: Path) -> None:
+    draft = tmp_path / "draft.gguf"
+    draft.write_bytes(b"GGUF")
+    c = parse_serve_args([*M, "-md", str(draft), "--draft", "4"], {})
+    assert c.engine.speculative.draft_model == str(draft)
+    assert c.engine.speculative.enabled and c.engine.speculative.n_max == 4
+    c = parse_serve_args(M, {"LLAMA_ARG_SPEC_DRAFT_MODEL": str(draft)})
+    assert c.engine.speculative.draft_model == str(draft)
+    c = parse_serve_args(M, {"LLAMA_ARG_LOOKUP_CACHE_STATIC": str(draft)})
+    assert c.engine.speculative.lookup_cache_static == str(draft)
+    assert c.engine.speculative.types == ["ngram-cache"]
+    c = parse_serve_args(M, {"LLAMA_ARG_LOOKUP_CACHE_DYNAMIC": str(draft)})
+    assert c.engine.speculative.lookup_cache_dynamic == str(draft)
+    with pytest.raises(UsageError, match="no such file"):
+        parse_serve_args([*M, "--model-draft", str(tmp_path / "missing.gguf")], {})
+
+
+def test_speculative_flags() -> None:
+    c = parse_serve_args([*M, "--spec-type", "ngram-simple", "--spec-ngram-size-n", "3",
+                          "--spec-ngram-simple-size-m", "9", "--draft-p-min", "0.9",
+                          "--no-spec-adaptive"], {})  # fmt: skip
+    spec = c.engine.speculative
+    assert spec.types == ["ngram-simple"] and not spec.adaptive and spec.p_min == 0.9
+    assert spec.ngram_simple.size_n == 3 and spec.ngram_simple.size_m == 9
+    assert spec.ngram_map_k.size_n == 3  # the generic flag is every map type's default
+    assert parse_serve_args(M, {}).engine.speculative.enabled is False
+    with pytest.raises(UsageError, match="unknown speculative type"):
+        parse_serve_args([*M, "--spec-type", "ngram-magic"], {})
+    with pytest.raises(UsageError):
+        parse_serve_args([*M, "--draft-p-min", "1.5"], {})

@@ -36,6 +36,11 @@ def render(stats: EngineStats) -> str:
         ("tokens_drafted_accepted_total", "counter",
          "Number of speculative decoding tokens to be accepted.",
          stats.n_tokens_drafted_accepted_total),
+        # llama-server's names of the same two counters
+        ("n_drafted_total", "counter", "Number of draft tokens verified.",
+         stats.n_tokens_drafted_total),
+        ("n_drafted_accepted_total", "counter", "Number of draft tokens accepted.",
+         stats.n_tokens_drafted_accepted_total),
         ("n_decode_total", "counter", "Total number of llama_decode() calls.",
          stats.n_decode_total),
         ("requests_total", "counter", "Number of requests received.", stats.n_requests_total),

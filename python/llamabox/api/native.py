@@ -64,6 +64,16 @@ async def props(req: Request, state: AppState) -> Response:
         "model": state.model_name,
         "params": {f: getattr(config.sampling, f) for f in config.sampling.__struct_fields__},
     }
+    spec = config.engine.speculative
+    if spec.enabled:
+        settings["speculative"] = {
+            "types": spec.types or ["draft-simple"],
+            "n_max": spec.n_max,
+            "n_min": spec.n_min,
+            "p_min": spec.p_min,
+            "adaptive": spec.adaptive,
+            "draft_model": spec.draft_model,
+        }
     return json_response(
         Props(
             default_generation_settings=settings,
@@ -86,6 +96,7 @@ async def slots(req: Request, state: AppState) -> Response:
         raise APIError(
             501, "This server does not support slots endpoint. Start it without `--no-slots`"
         )
+    speculative = state.config.engine.speculative.enabled
     views = [
         SlotView(
             id=s.id,
@@ -96,6 +107,10 @@ async def slots(req: Request, state: AppState) -> Response:
             n_cached=s.n_cached,
             n_prompt_tokens=s.n_prompt,
             n_decoded=s.n_decoded,
+            speculative=speculative,
+            n_draft_total=s.n_drafted,
+            n_draft_accepted=s.n_accepted,
+            draft_acceptance=s.draft_acceptance,
         )
         for s in state.engine.stats().slots
     ]

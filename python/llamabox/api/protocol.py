@@ -90,6 +90,22 @@ class JSONSchemaFormat(Struct, tag_field="type", tag="json_schema"):
 ResponseFormat = TextFormat | JSONObjectFormat | JSONSchemaFormat
 
 
+DraftTokens = Annotated[int, Meta(ge=0, le=1024)]
+SpeculativeType = Literal[
+    "none", "draft", "draft-simple", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod",
+    "ngram-cache",
+]
+
+
+class SpeculativeFields(Struct, kw_only=True, forbid_unknown_fields=True):
+    """A request's own speculative decoding (llama.cpp's ``speculative`` object)."""
+
+    n_max: DraftTokens | None = None  # 0: none for this request; capped at the server's --draft
+    n_min: DraftTokens | None = None
+    p_min: Probability | None = None
+    type: SpeculativeType | None = None
+
+
 class SamplingFields(Struct, kw_only=True):
     """Sampling and stopping fields every generation endpoint takes (llama.cpp's names)."""
 
@@ -111,6 +127,11 @@ class SamplingFields(Struct, kw_only=True):
     n_probs: NProbs | None = None
     cache_prompt: bool | None = None
     stop: Stop | None = None
+    speculative: SpeculativeFields | None = None
+    # llama.cpp's flat spellings of the same
+    speculative_n_max: DraftTokens | None = None
+    speculative_n_min: DraftTokens | None = None
+    speculative_p_min: Probability | None = None
 
 
 class OpenAIGenerationFields(SamplingFields, kw_only=True):
@@ -408,6 +429,10 @@ class Props(Struct, kw_only=True):
 class SlotView(Struct, kw_only=True):
     id: int
     id_task: str | None
+    speculative: bool = False
+    n_draft_total: int = 0  # draft tokens verified for the current request
+    n_draft_accepted: int = 0
+    draft_acceptance: float = 0.0  # the scheduler's estimate; it sizes the drafts
     n_ctx: int
     state: int  # 0 idle, 1 processing
     is_processing: bool

@@ -35,6 +35,7 @@ from llamabox.types import (
     GenerationOutput,
     InvalidRequestError,
     SamplingParams,
+    SpeculativeOverride,
     TokenLogprob,
     Usage,
 )
@@ -265,7 +266,23 @@ async def generate_template(
         stop=stop_list(fields.stop),
         sampling=await sampling_from(state, fields, logprobs=logprobs, n_probs=n_probs),
         cache_prompt=fields.cache_prompt is not False,
+        speculative=speculative_from(fields),
         request_id=request_id,
+    )
+
+
+def speculative_from(fields: SamplingFields) -> SpeculativeOverride | None:
+    """The request's speculative settings: the ``speculative`` object, or llama.cpp's flat
+    ``speculative_n_max`` etc. (the object wins)."""
+    spec = fields.speculative
+    flat = (fields.speculative_n_max, fields.speculative_n_min, fields.speculative_p_min)
+    if spec is None and all(v is None for v in flat):
+        return None
+    n_max = spec.n_max if spec and spec.n_max is not None else fields.speculative_n_max
+    n_min = spec.n_min if spec and spec.n_min is not None else fields.speculative_n_min
+    p_min = spec.p_min if spec and spec.p_min is not None else fields.speculative_p_min
+    return SpeculativeOverride(
+        n_max=n_max, n_min=n_min, p_min=p_min, type=spec.type if spec else None
     )
 
 

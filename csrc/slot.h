@@ -1,0 +1,69 @@
+// A request being served (task) and the slot that serves it. Decode-thread state only: the
+// engine's step code (step.cpp) and loop (engine.cpp) share these, nothing else sees them.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "request.h"
+#include "sampler.h"
+#include "text.h"
+
+namespace llamabox {
+
+// One request's speculative-decoding settings, resolved against the server's at submit.
+struct task_speculation {
+    uint32_t types   = 0;     // bit per drafting type (speculator.h); 0 = none
+    int32_t  n_max   = 0;     // longest draft per step
+    int32_t  n_min   = 0;     // shorter drafts are not verified
+    float    p_min   = 0.0f;  // draft model's confidence floor
+    // The scheduler's estimate of P(next draft token accepted | the ones before were), updated
+    // after every verification; it decides how many draft tokens are worth a step.
+    double   acceptance = 0.5;
+    std::vector<llama_token> draft;  // this step's draft, verified with next_token
+    int32_t  type_last = -1;         // the type that made `draft`
+    int32_t  n_tail    = 0;          // the draft model's KV holds this many tokens from next_token on
+};
+
+struct task {
+    request            req;
+    std::unique_ptr<request_sampler> smpl;  // generation only
+    utf8_decoder       utf8;
+    stop_matcher       stops;
+    task_speculation   spec;
+    uint64_t           t_arrival  = 0;
+    bool               generating = false;
+    // The token that goes into the next step: the last prompt token first, then each sampled
+    // one. The last prompt token is decoded on its own (or with its draft), like a sampled
+    // token, so its logits (and the first sampled token) never depend on how much of the
+    // prompt was cached.
+    llama_token        next_token = LLAMA_TOKEN_NULL;
+    int32_t            n_cached   = 0;
+    int32_t            n_decoded  = 0;
+    int32_t            n_drafted  = 0;  // draft tokens verified
+    int32_t            n_accepted = 0;  // of which accepted
+    int64_t            t_start_us = 0;
+    int64_t            t_first_us = 0;
+    event              ev;  // this step's output, flushed at the end of the step
+
+    size_t n_prefill() const { return req.prompt.size() - 1; }  // prompt tokens decoded as prefill
+};
+
+struct slot {
+    int32_t                  id = 0;
+    // Tokens whose KV is in sequence `id`, position i holding cache[i]. Positions equal indices
+    // for text; the explicit `pos_next()` is what the step uses, so that a chunk taking other
+    // positions (an image, M-RoPE) changes this struct, not the step.
+    std::vector<llama_token> cache;
+    int32_t                  n_draft_synced = 0;  // of `cache`, how many the draft model's KV holds
+    uint64_t                 t_last_used = 0;
+    std::unique_ptr<task>    t;      // null when idle
+    int32_t                  n_step  = 0;   // tokens this slot put into the current batch
+    int32_t                  i_out   = -1;  // batch index of its first output, -1 if none
+
+    bool      is_idle() const { return t == nullptr; }
+    llama_pos pos_next() const { return (llama_pos) cache.size(); }
+};
+
+}  // namespace llamabox

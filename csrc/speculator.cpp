@@ -1,0 +1,428 @@
+#include "speculator.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <queue>
+
+#include "errors.h"
+#include "log_sink.h"
+#include "model.h"
+
+namespace llamabox {
+
+namespace {
+
+// The types we schedule, in llama.cpp's order of preference (cheap n-gram lookups first).
+struct type_name {
+    common_speculative_type type;
+    const char *            name;
+};
+constexpr type_name TYPES[] = {
+    {COMMON_SPECULATIVE_TYPE_NGRAM_SIMPLE, "ngram-simple"},
+    {COMMON_SPECULATIVE_TYPE_NGRAM_MAP_K, "ngram-map-k"},
+    {COMMON_SPECULATIVE_TYPE_NGRAM_MAP_K4V, "ngram-map-k4v"},
+    {COMMON_SPECULATIVE_TYPE_NGRAM_MOD, "ngram-mod"},
+    {COMMON_SPECULATIVE_TYPE_NGRAM_CACHE, "ngram-cache"},
+    {COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE, "draft-simple"},
+};
+constexpr uint32_t DRAFT_BIT = 1u << COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE;
+
+constexpr int VOCAB_MAX_SIZE_DIFFERENCE = 128;  // as llama.cpp allows
+constexpr int VOCAB_CHECK_FROM = 5;             // the first tokens (BOS, EOS, ...) may differ in text
+
+double now_ms() {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+ggml_type cache_type(const std::string & name) {
+    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+        const char * tn = ggml_type_name((ggml_type) t);
+        if (tn && name == tn) return (ggml_type) t;
+    }
+    throw load_error("unknown KV cache type '" + name + "' for the draft model");
+}
+
+// Why the draft model cannot draft for the target; empty if it can.
+std::string vocab_mismatch(const llama_model * tgt, const llama_model * dft) {
+    const llama_vocab * vt = llama_model_get_vocab(tgt);
+    const llama_vocab * vd = llama_model_get_vocab(dft);
+    if (llama_vocab_type(vt) != llama_vocab_type(vd)) return "their tokenizers are of different types";
+    if (llama_vocab_get_add_bos(vt) != llama_vocab_get_add_bos(vd) ||
+        (llama_vocab_get_add_bos(vt) && llama_vocab_bos(vt) != llama_vocab_bos(vd))) {
+        return "their BOS tokens differ";
+    }
+    if (llama_vocab_get_add_eos(vt) != llama_vocab_get_add_eos(vd) ||
+        (llama_vocab_get_add_eos(vt) && llama_vocab_eos(vt) != llama_vocab_eos(vd))) {
+        return "their EOS tokens differ";
+    }
+    const int nt = llama_vocab_n_tokens(vt), nd = llama_vocab_n_tokens(vd);
+    if (std::abs(nt - nd) > VOCAB_MAX_SIZE_DIFFERENCE) {
+        return "their vocabularies have " + std::to_string(nt) + " and " + std::to_string(nd) + " tokens";
+    }
+    for (int i = VOCAB_CHECK_FROM; i < std::min(nt, nd); ++i) {
+        if (std::strcmp(llama_vocab_get_text(vt, i), llama_vocab_get_text(vd, i)) != 0) {
+            return "token " + std::to_string(i) + " is '" + llama_vocab_get_text(vt, i) + "' in one and '" +
+                   llama_vocab_get_text(vd, i) + "' in the other";
+        }
+    }
+    return {};
+}
+
+}  // namespace
+
+uint32_t speculative_type_bit(const std::string & name) {
+    if (name == "draft") return DRAFT_BIT;
+    for (const auto & t : TYPES) {
+        if (name == t.name) return 1u << t.type;
+    }
+    return 0;
+}
+
+std::string speculative_type_name(int32_t type) {
+    for (const auto & t : TYPES) {
+        if (t.type == type) return t.name;
+    }
+    return "none";
+}
+
+std::vector<std::string> speculative_type_names() {
+    std::vector<std::string> out;
+    for (const auto & t : TYPES) out.push_back(t.name);
+    return out;
+}
+
+// ---- draft_policy ----
+
+namespace {
+constexpr double DECAY = 0.97;  // weight of the past per observation (about 30 steps)
+}
+
+void draft_policy::observe_decode(int32_t n_tokens, double ms) {
+    if (n_tokens <= 0 || !(ms > 0) || n_tokens > 256) return;
+    w_   = w_ * DECAY + 1;
+    sn_  = sn_ * DECAY + n_tokens;
+    sm_  = sm_ * DECAY + ms;
+    snn_ = snn_ * DECAY + (double) n_tokens * n_tokens;
+    snm_ = snm_ * DECAY + n_tokens * ms;
+    n_obs_++;
+}
+
+void draft_policy::observe_draft_step(double ms) {
+    if (!(ms > 0)) return;
+    draft_ms_ = draft_ms_ > 0 ? 0.8 * draft_ms_ + 0.2 * ms : ms;
+}
+
+double draft_policy::cost_per_token_ms() const {
+    if (w_ <= 0) return 0;
+    const double mn = sn_ / w_, mm = sm_ / w_;
+    const double var = snn_ / w_ - mn * mn;
+    // Until the steps have varied in size, assume a token costs a fifth of a one-token step:
+    // pessimistic for a small CPU batch, so that drafts must earn their place.
+    const double prior = mm / (mn + 4.0);
+    if (n_obs_ < 8 || var < 1.0) return prior;
+    const double b = (snm_ / w_ - mn * mm) / var;
+    return std::clamp(b, 0.02 * mm / mn, mm / mn);
+}
+
+double draft_policy::cost_fixed_ms() const {
+    if (w_ <= 0) return 0;
+    return std::max(0.0, sm_ / w_ - cost_per_token_ms() * sn_ / w_);
+}
+
+std::vector<int32_t> draft_policy::allocate(const std::vector<slot_in> & slots, int32_t n_gen, int32_t n_other) const {
+    std::vector<int32_t> k(slots.size(), 0);
+    const double b = cost_per_token_ms();
+    if (b <= 0) {  // nothing measured yet: one token each, to start measuring
+        for (size_t i = 0; i < slots.size(); ++i) k[i] = std::min(slots[i].n_avail, 1);
+        return k;
+    }
+    const double a = cost_fixed_ms();
+    double tokens = n_gen, ms = a + b * (n_gen + n_other);
+    int32_t depth_open = 0;  // the draft model runs this many steps already
+    // Candidates best first: slot i's next token adds acceptance_i^(k_i + 1) expected tokens.
+    using cand = std::pair<double, size_t>;
+    std::priority_queue<cand> q;
+    for (size_t i = 0; i < slots.size(); ++i) {
+        if (slots[i].n_avail > 0) q.push({slots[i].acceptance, i});
+    }
+    while (!q.empty()) {
+        const auto [gain, i] = q.top();
+        q.pop();
+        const bool new_depth = slots[i].model && k[i] + 1 > depth_open;
+        const double cost = b + (new_depth ? draft_ms_ : 0.0);
+        if (gain * ms <= tokens * cost) continue;  // lowers tokens per ms; this slot is done
+        tokens += gain;
+        ms += cost;
+        k[i]++;
+        if (slots[i].model) depth_open = std::max(depth_open, k[i]);
+        if (k[i] < slots[i].n_avail) q.push({gain * slots[i].acceptance, i});
+    }
+    return k;
+}
+
+double update_acceptance(double prior, int32_t n_drafted, int32_t n_accepted) {
+    // Each accepted token is a success; the first rejected one a failure. A pseudo-count of
+    // 10 trials keeps one unlucky draft from deciding.
+    constexpr double K = 10.0;
+    const double s = n_accepted, f = n_accepted < n_drafted ? 1.0 : 0.0;
+    return std::clamp((prior * K + s) / (K + s + f), 0.02, 0.98);
+}
+
+// ---- speculator ----
+
+speculator::speculator(const speculative_params & params, const model & target, const std::string & target_path,
+                       llama_context * ctx_tgt, bool kv_unified, int32_t n_threads, int32_t n_threads_batch)
+    : params_(params), ctx_tgt_(ctx_tgt) {
+    n_seq_ = (int32_t) llama_n_seq_max(ctx_tgt);
+    n_batch_ = (int32_t) llama_n_batch(ctx_tgt);
+    if (params_.n_max < 0) throw load_error("the draft size (--draft) must be 0 or more");
+    if (params_.n_min < 0) throw load_error("the minimum draft size (--draft-min) must be 0 or more");
+    if (!(params_.p_min >= 0.0f && params_.p_min <= 1.0f)) throw load_error("--draft-p-min must be in [0, 1]");
+    for (const auto & name : params_.types) {
+        if (name == "none") continue;
+        const uint32_t bit = speculative_type_bit(name);
+        if (bit == 0) {
+            std::string all;
+            for (const auto & n : speculative_type_names()) all += (all.empty() ? "" : ", ") + n;
+            throw load_error("unknown speculative type '" + name + "' (known: none, " + all + ")");
+        }
+        types_ |= bit;
+    }
+    if (!params_.draft_model.empty()) types_ |= DRAFT_BIT;  // a draft model given is a draft model used
+    if ((types_ & DRAFT_BIT) && params_.draft_model.empty()) {
+        throw load_error("speculative type draft-simple needs a draft model (--model-draft FILE)");
+    }
+    if (types_ != 0 && (llama_model_is_recurrent(target.get()) || llama_model_is_hybrid(target.get()))) {
+        throw load_error("speculative decoding needs a KV cache that can drop rejected tokens; the recurrent "
+                         "model " + target_path + " cannot");
+    }
+
+    if (!params_.draft_model.empty()) {
+        model_params mp;
+        mp.path = params_.draft_model;
+        mp.n_gpu_layers = params_.draft_n_gpu_layers;
+        mp.devices = params_.draft_devices;
+        try {
+            dft_model_ = std::make_unique<model>(mp);
+        } catch (const load_error & e) {
+            throw load_error(std::string("draft model: ") + e.what());
+        }
+        const std::string why = vocab_mismatch(target.get(), dft_model_->get());
+        if (!why.empty()) {
+            throw load_error("the draft model " + params_.draft_model + " cannot draft for " + target_path + ": " + why);
+        }
+        if (llama_model_is_recurrent(dft_model_->get()) || llama_model_is_hybrid(dft_model_->get())) {
+            throw load_error("the draft model " + params_.draft_model + " is recurrent; its KV cache cannot drop "
+                             "rejected tokens");
+        }
+        auto cp = llama_context_default_params();
+        cp.n_ctx           = params_.draft_n_ctx > 0 ? (uint32_t) params_.draft_n_ctx : llama_n_ctx(ctx_tgt);
+        cp.n_batch         = (uint32_t) n_batch_;
+        cp.n_ubatch        = llama_n_ubatch(ctx_tgt);
+        cp.n_seq_max       = (uint32_t) n_seq_;
+        cp.n_threads       = params_.draft_n_threads > 0 ? params_.draft_n_threads : n_threads;
+        cp.n_threads_batch = params_.draft_n_threads_batch > 0 ? params_.draft_n_threads_batch
+                             : params_.draft_n_threads > 0 ? params_.draft_n_threads : n_threads_batch;
+        cp.type_k          = cache_type(params_.draft_cache_type_k);
+        cp.type_v          = cache_type(params_.draft_cache_type_v);
+        cp.kv_unified      = kv_unified;
+        cp.swa_full        = true;  // rejected drafts are removed from the tail
+        cp.no_perf         = true;
+        cp.n_outputs_max   = (uint32_t) n_seq_;  // a draft step asks one token per sequence
+        log_capture capture;
+        dft_ctx_.reset(llama_init_from_model(dft_model_->get(), cp));
+        if (!dft_ctx_) {
+            throw load_error("failed to create a context for the draft model " + params_.draft_model +
+                             (capture.errors().empty() ? std::string() : ": " + capture.errors()));
+        }
+    }
+    batch_ = llama_batch_init(n_batch_, 0, 1);
+    // The server's own types are made now, so that a bad setting fails at start.
+    for (const auto & t : TYPES) {
+        if (!(types_ & (1u << t.type))) continue;
+        try {
+            instance(t.type, params_.p_min);
+        } catch (const std::exception & e) {
+            throw load_error(std::string("cannot set up speculative type ") + t.name + ": " + e.what());
+        }
+        if (!instance(t.type, params_.p_min)) throw load_error(std::string("cannot set up speculative type ") + t.name);
+    }
+}
+
+speculator::~speculator() {
+    ngram_.clear();
+    dft_.clear();
+    llama_batch_free(batch_);
+}
+
+uint32_t speculator::available_types() const {
+    uint32_t all = 0;
+    for (const auto & t : TYPES) all |= 1u << t.type;
+    return dft_ctx_ ? all : all & ~DRAFT_BIT;
+}
+
+int32_t speculator::n_outputs_max() const { return 1 + params_.n_max; }
+
+double speculator::acceptance(int32_t type) const {
+    const auto it = acceptance_.find(type);
+    return it == acceptance_.end() ? 0.5 : it->second;
+}
+
+common_speculative * speculator::instance(int32_t type, float p_min) {
+    const bool is_draft = type == COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE;
+    if (is_draft) {
+        const auto it = dft_.find(p_min);
+        if (it != dft_.end()) return it->second.get();
+    } else {
+        const auto it = ngram_.find(type);
+        if (it != ngram_.end()) return it->second.get();
+    }
+    common_params_speculative p;
+    p.types = {(common_speculative_type) type};
+    p.draft.n_max = std::max(1, params_.n_max);
+    p.draft.n_min = 0;  // n_min is ours to apply, for every type alike
+    p.draft.p_min = p_min;
+    p.draft.ctx_tgt = ctx_tgt_;
+    p.draft.ctx_dft = dft_ctx_.get();
+    const auto map = [](const ngram_map_params & in) {
+        common_params_speculative_ngram_map out;
+        out.size_n = (uint16_t) in.size_n;
+        out.size_m = (uint16_t) in.size_m;
+        out.min_hits = (uint16_t) in.min_hits;
+        return out;
+    };
+    p.ngram_simple = map(params_.ngram_simple);
+    p.ngram_map_k = map(params_.ngram_map_k);
+    p.ngram_map_k4v = map(params_.ngram_map_k4v);
+    p.ngram_mod.n_match = params_.ngram_mod_n_match;
+    p.ngram_mod.n_min = params_.ngram_mod_n_min;
+    p.ngram_mod.n_max = params_.ngram_mod_n_max;
+    p.ngram_cache.lookup_cache_static = params_.lookup_cache_static;
+    p.ngram_cache.lookup_cache_dynamic = params_.lookup_cache_dynamic;
+    common_speculative_ptr spec(common_speculative_init(p, (uint32_t) n_seq_));
+    if (!spec) return nullptr;
+    auto * raw = spec.get();
+    if (is_draft) {
+        dft_[p_min] = std::move(spec);
+    } else {
+        ngram_[type] = std::move(spec);
+    }
+    return raw;
+}
+
+void speculator::begin(int32_t seq, uint32_t types, const std::vector<llama_token> & history) {
+    for (const auto & t : TYPES) {
+        if (!(types & (1u << t.type)) || t.type == COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE) continue;
+        if (auto * spec = instance(t.type, 0.0f)) common_speculative_begin(spec, seq, history);
+    }
+}
+
+void speculator::run(common_speculative * spec, std::vector<draft_job *> & jobs) {
+    for (auto * j : jobs) {
+        auto & dp = common_speculative_get_draft_params(spec, j->seq);
+        dp.drafting = true;
+        dp.n_max = j->n_max;
+        dp.pos0 = (llama_pos) j->history->size();
+        dp.id_last = j->id_last;
+        dp.prompt = j->history;
+        dp.result = j->result;
+    }
+    common_speculative_draft(spec);
+}
+
+void speculator::draft(std::vector<draft_job> & jobs, bool model) {
+    for (const auto & t : TYPES) {
+        const bool is_draft = t.type == COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE;
+        if (is_draft != model) continue;
+        // The draft model runs once per p_min in use; the n-gram types once each.
+        std::map<float, std::vector<draft_job *>> groups;
+        for (auto & j : jobs) {
+            if (j.n_max <= 0 || !j.result->empty() || !(j.types & (1u << t.type))) continue;
+            groups[is_draft ? j.p_min : 0.0f].push_back(&j);
+        }
+        for (auto & [p_min, group] : groups) {
+            if (is_draft && !sync_draft(group)) continue;
+            if (group.empty()) continue;
+            common_speculative * spec = instance(t.type, p_min);
+            if (!spec) continue;
+            const double t0 = now_ms();
+            run(spec, group);
+            if (is_draft) {
+                size_t depth = 0;
+                for (auto * j : group) depth = std::max(depth, j->result->size());
+                policy_.observe_draft_step((now_ms() - t0) / (double) std::max<size_t>(depth, 1));
+            }
+            for (auto * j : group) {
+                if (is_draft && j->n_tail) {
+                    const llama_pos pos_max = llama_memory_seq_pos_max(llama_get_memory(dft_ctx_.get()), j->seq);
+                    *j->n_tail = std::max<int32_t>(0, pos_max + 1 - (int32_t) j->history->size());
+                }
+                if ((int32_t) j->result->size() > j->n_max) j->result->resize((size_t) j->n_max);
+                if (!j->result->empty() && (int32_t) j->result->size() < j->n_min) j->result->clear();
+                if (!j->result->empty()) *j->type_used = t.type;
+            }
+        }
+    }
+}
+
+bool speculator::sync_draft(std::vector<draft_job *> & jobs) {
+    // Catches the draft model's KV up to each job's history, one batch at most a call.
+    llama_memory_t mem = llama_get_memory(dft_ctx_.get());
+    batch_.n_tokens = 0;
+    std::vector<draft_job *> ready;
+    std::vector<std::pair<draft_job *, int32_t>> syncing;  // job, its synced count after the batch
+    for (auto * j : jobs) {
+        const int32_t have = *j->n_synced, want = (int32_t) j->history->size();
+        const int32_t room = n_batch_ - batch_.n_tokens;
+        const int32_t n = std::min(want - have, room);
+        for (int32_t i = have; i < have + n; ++i) {
+            const int32_t k = batch_.n_tokens++;
+            batch_.token[k] = (*j->history)[(size_t) i];
+            batch_.pos[k] = i;
+            batch_.n_seq_id[k] = 1;
+            batch_.seq_id[k][0] = j->seq;
+            batch_.logits[k] = false;
+        }
+        syncing.push_back({j, have + n});
+    }
+    if (batch_.n_tokens > 0) {
+        batch_.logits[batch_.n_tokens - 1] = true;
+        const int32_t ret = llama_decode(dft_ctx_.get(), batch_);
+        if (ret != 0) {
+            // Whatever the draft KV now holds of these tokens is unknown: drop them all.
+            for (auto & [j, n] : syncing) {
+                if (!llama_memory_seq_rm(mem, j->seq, *j->n_synced, -1)) {
+                    llama_memory_seq_rm(mem, j->seq, -1, -1);
+                    *j->n_synced = 0;
+                }
+            }
+            jobs.clear();
+            return false;
+        }
+    }
+    for (auto & [j, n] : syncing) {
+        *j->n_synced = n;
+        if (n == (int32_t) j->history->size()) ready.push_back(j);
+    }
+    jobs.swap(ready);
+    return true;
+}
+
+void speculator::accept(int32_t seq, int32_t type, int32_t n_drafted, int32_t n_accepted) {
+    auto & a = acceptance_.try_emplace(type, 0.5).first->second;
+    a = update_acceptance(a, n_drafted, n_accepted);
+    if (type == COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE) return;  // its state is the draft KV
+    if (auto * spec = instance(type, 0.0f)) common_speculative_accept(spec, seq, (uint16_t) n_accepted);
+}
+
+bool speculator::forget_from(int32_t seq, llama_pos pos) {
+    if (!dft_ctx_) return true;
+    llama_memory_t mem = llama_get_memory(dft_ctx_.get());
+    if (llama_memory_seq_rm(mem, seq, pos, -1)) return true;
+    llama_memory_seq_rm(mem, seq, -1, -1);
+    return false;
+}
+
+}  // namespace llamabox

@@ -1,0 +1,379 @@
+// One engine step for the generation context:
+//
+//   draft    each generating slot may get draft tokens (n-gram lookup, then the draft model),
+//            as many as pay for themselves in this step (draft_policy)
+//   plan     every generating slot's next token and drafts first, then chunks of prompts
+//   decode   one llama_decode; on failure, make room and retry at the least cost
+//   verify   sample each output in turn; a draft token equal to what was sampled is accepted,
+//            the first one that is not ends the run; rejected tokens leave the KV cache
+//   commit   per committed token: logprobs, end-of-generation, stop strings, max_tokens
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+
+#include "common.h"
+#include "engine.h"
+#include "model.h"
+#include "sampler.h"
+#include "scheduler.h"
+#include "slot.h"
+#include "speculator.h"
+
+namespace llamabox {
+
+namespace {
+
+int64_t now_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
+void batch_add(llama_batch & b, llama_token tok, llama_pos pos, llama_seq_id seq, bool logits) {
+    const int32_t i = b.n_tokens++;
+    b.token[i]     = tok;
+    b.pos[i]       = pos;
+    b.n_seq_id[i]  = 1;
+    b.seq_id[i][0] = seq;
+    b.logits[i]    = logits;
+}
+
+std::string decode_error(int32_t ret) {
+    if (ret == 1) return "llama_decode found no room in the KV cache for this request (code 1)";
+    return "llama_decode failed for this request (code " + std::to_string(ret) + ")";
+}
+
+}  // namespace
+
+void engine::plan_drafts() {
+    for (auto & s : slots_) {
+        if (s->is_idle()) continue;
+        s->t->spec.draft.clear();
+        s->t->spec.type_last = -1;
+        s->t->spec.n_tail = 0;
+    }
+    if (!spec_) return;
+
+    std::vector<speculator::draft_job> jobs;
+    std::vector<slot *> owners;
+    int32_t n_gen = 0, n_prefill = 0;
+    for (auto & sp : slots_) {
+        slot & s = *sp;
+        if (s.is_idle()) continue;
+        task & t = *s.t;
+        if (!t.generating) {
+            n_prefill += (int32_t) (t.n_prefill() - s.cache.size());
+            continue;
+        }
+        n_gen++;
+        if (t.spec.types == 0 || t.spec.n_max <= 0) continue;
+        // k drafts verified give up to k + 1 tokens: stay inside max_tokens and the context.
+        int32_t k_max = std::min(t.spec.n_max, info_.n_ctx_slot - (int32_t) s.cache.size() - 2);
+        if (t.req.n_predict >= 0) k_max = std::min(k_max, t.req.n_predict - t.n_decoded - 1);
+        if (k_max <= 0) continue;
+        speculator::draft_job j;
+        j.seq       = s.id;
+        j.types     = t.spec.types;
+        j.n_max     = k_max;
+        j.n_min     = t.spec.n_min;
+        j.p_min     = t.spec.p_min;
+        j.id_last   = t.next_token;
+        j.history   = &s.cache;
+        j.result    = &t.spec.draft;
+        j.type_used = &t.spec.type_last;
+        j.n_synced  = &s.n_draft_synced;
+        j.n_tail    = &t.spec.n_tail;
+        jobs.push_back(j);
+        owners.push_back(&s);
+    }
+    if (jobs.empty()) return;
+    spec_->draft(jobs, false);  // n-gram lookups: cheap, and they say how much is on offer
+
+    // How much of each draft (or of a draft model's) is worth verifying in this step.
+    const bool model_ok = spec_->has_draft_model();
+    std::vector<draft_policy::slot_in> in(jobs.size());
+    for (size_t i = 0; i < jobs.size(); ++i) {
+        const task & t = *owners[i]->t;
+        const bool by_model = t.spec.draft.empty() && model_ok && (t.spec.types & speculative_type_bit("draft-simple"));
+        in[i].n_avail    = by_model ? jobs[i].n_max : (int32_t) t.spec.draft.size();
+        in[i].acceptance = t.spec.acceptance;
+        in[i].model      = by_model;
+    }
+    const int32_t n_prefill_step = std::min({n_prefill, params_.n_ubatch, params_.n_batch});
+    std::vector<int32_t> k(jobs.size());
+    if (spec_->adaptive()) {
+        k = spec_->policy().allocate(in, n_gen, n_prefill_step);
+    } else {
+        for (size_t i = 0; i < jobs.size(); ++i) k[i] = in[i].n_avail;
+    }
+    // The batch holds every generating slot's token and the drafts: trim the longest drafts
+    // until they fit.
+    int32_t total = n_gen;
+    for (int32_t v : k) total += v;
+    while (total > params_.n_batch) {
+        auto it = std::max_element(k.begin(), k.end());
+        if (*it == 0) break;
+        (*it)--;
+        total--;
+    }
+    std::vector<speculator::draft_job> model_jobs;
+    for (size_t i = 0; i < jobs.size(); ++i) {
+        task & t = *owners[i]->t;
+        if (k[i] < std::max(1, t.spec.n_min)) k[i] = 0;
+        if (in[i].model) {
+            if (k[i] > 0) {
+                model_jobs.push_back(jobs[i]);
+                model_jobs.back().n_max = k[i];
+            }
+        } else {
+            t.spec.draft.resize((size_t) k[i]);
+        }
+    }
+    if (!model_jobs.empty()) spec_->draft(model_jobs, true);
+}
+
+engine::decode_result engine::decode_step(int32_t n_prefill_max, bool with_drafts) {
+    // Builds the step's batch from the plan and decodes it. If llama_decode fails, the KV memory
+    // of every slot in the batch is rolled back to its committed tokens.
+    std::vector<slot_view> views;
+    int32_t n_gen = 0;
+    for (const auto & s : slots_) {
+        s->n_step = 0;
+        s->i_out = -1;
+        if (s->is_idle()) continue;
+        if (!with_drafts) s->t->spec.draft.clear();
+        slot_view v;
+        v.id_slot = s->id;
+        v.generating = s->t->generating;
+        v.n_prompt_left = (int32_t) (s->t->n_prefill() - s->cache.size());
+        v.n_draft = (int32_t) s->t->spec.draft.size();
+        v.t_arrival = s->t->t_arrival;
+        n_gen += v.generating ? 1 + v.n_draft : 0;
+        views.push_back(v);
+    }
+    const int32_t n_prefill_busy = std::min({params_.n_ubatch, params_.n_batch, n_prefill_max});
+    const auto plan = plan_step(views, std::min(params_.n_batch, n_gen + n_prefill_max), n_prefill_busy);
+
+    decode_result res;
+    batch_.n_tokens = 0;
+    for (const auto & e : plan) {
+        slot & s = *slots_[e.id_slot];
+        task & t = *s.t;
+        s.n_step = e.n_tokens;
+        const llama_pos pos = s.pos_next();
+        if (t.generating) {
+            s.i_out = batch_.n_tokens;
+            batch_add(batch_, t.next_token, pos, s.id, true);
+            for (size_t j = 0; j < t.spec.draft.size(); ++j) {
+                batch_add(batch_, t.spec.draft[j], pos + 1 + (llama_pos) j, s.id, true);
+            }
+        } else {
+            res.n_prefill += e.n_tokens;
+            for (int32_t i = 0; i < e.n_tokens; ++i) {
+                batch_add(batch_, t.req.prompt[(size_t) pos + i], pos + i, s.id, false);
+            }
+        }
+    }
+    res.n_tokens = batch_.n_tokens;
+    if (batch_.n_tokens == 0) return res;
+
+    const int64_t t0 = now_us();
+    res.ret = llama_decode(ctx_.get(), batch_);
+    if (res.ret == 0 && res.n_prefill == 0 && spec_) spec_->observe_decode(res.n_tokens, (now_us() - t0) / 1000.0);
+    {
+        std::lock_guard<std::mutex> lk(mtx_stats_);
+        stats_.n_decode_total++;
+        stats_.n_decode_failed_total += res.ret != 0 ? 1 : 0;
+    }
+    if (res.ret == 0) return res;
+    res.ok = false;
+    std::fprintf(stderr, "llamabox: llama_decode failed (%d) on a batch of %d tokens (%d of prompts)\n", res.ret,
+                 batch_.n_tokens, res.n_prefill);
+    for (const auto & e : plan) {
+        slot & s = *slots_[e.id_slot];
+        if (!forget_from(s, s.pos_next())) fail_slot(s, "the KV cache could not be rolled back");
+    }
+    return res;
+}
+
+void engine::run_generation() {
+    if (std::all_of(slots_.begin(), slots_.end(), [](const auto & s) { return s->is_idle(); })) return;
+    plan_drafts();
+
+    // A decode that finds no room in the KV cache (a shared one is full) is retried after
+    // making room at the least cost: drafts first; idle slots' cached prefixes next, least
+    // recently used first; then with less prefill in the batch, down to none, so the generating
+    // slots keep going whatever a prompt does (a prompt that cannot be decoded even one token
+    // at a time fails); then by ending the fewest requests: prompts not yet generating first
+    // (they fail), then the youngest generating request (it ends with "length", its text so
+    // far intact).
+    decode_result res = decode_step(params_.n_batch, true);
+    if (!res.ok && res.ret == 1) res = decode_step(params_.n_batch, false);
+    while (!res.ok && res.ret == 1 && evict_idle_cache()) res = decode_step(params_.n_batch, false);
+
+    std::vector<int32_t> blocked;  // slots whose prefill was in a failed batch
+    int32_t n_prefill_max = res.n_prefill;
+    while (!res.ok && n_prefill_max > 0) {
+        for (const auto & s : slots_) {
+            if (s->n_step > 0 && !s->is_idle() && !s->t->generating) blocked.push_back(s->id);
+        }
+        n_prefill_max /= 2;
+        res = decode_step(n_prefill_max, false);
+    }
+    while (!res.ok && res.ret == 1) {
+        slot * victim = nullptr;
+        const auto rank = [](const slot & v) { return v.t->generating ? 1 : 0; };
+        for (auto & s : slots_) {
+            if (s->is_idle() || (s->t->generating ? s->n_step == 0 : s->cache.empty())) continue;
+            if (victim == nullptr || rank(*s) < rank(*victim) ||
+                (rank(*s) == rank(*victim) && s->t->t_arrival > victim->t->t_arrival)) {
+                victim = s.get();
+            }
+        }
+        if (victim == nullptr) break;
+        if (victim->t->generating) {
+            forget_from(*victim, 0);
+            finish(*victim, FINISH_REASON_LENGTH);
+        } else {
+            fail_slot(*victim, decode_error(1));
+        }
+        res = decode_step(0, false);
+    }
+    if (!res.ok) {
+        const std::string why = decode_error(res.ret);
+        for (auto & s : slots_) {
+            if (s->n_step > 0 && !s->is_idle()) fail_slot(*s, why);
+        }
+        return;
+    }
+    if (n_prefill_max == 0 && res.n_prefill == 0) {
+        // Prefill was shed to nothing before a batch went through: those prompts found no room.
+        for (int32_t id : blocked) {
+            slot & s = *slots_[id];
+            if (!s.is_idle() && s.n_step == 0 && !s.t->generating) fail_slot(s, decode_error(1));
+        }
+    }
+    for (auto & s : slots_) {
+        if (s->n_step > 0 && !s->is_idle()) commit_slot(*s, s->n_step);
+    }
+}
+
+bool engine::evict_idle_cache() {
+    slot * lru = nullptr;
+    for (auto & s : slots_) {
+        if (s->is_idle() && !s->cache.empty() && (lru == nullptr || s->t_last_used < lru->t_last_used)) lru = s.get();
+    }
+    if (lru == nullptr) return false;
+    forget_from(*lru, 0);
+    return true;
+}
+
+void engine::commit_slot(slot & s, int32_t n_added) {
+    task & t = *s.t;
+    if (t.generating) {
+        verify(s);
+        return;
+    }
+    const size_t from = s.cache.size();
+    s.cache.insert(s.cache.end(), t.req.prompt.begin() + from, t.req.prompt.begin() + from + n_added);
+    if (s.cache.size() == t.n_prefill()) prefill_done(s);
+}
+
+void engine::prefill_done(slot & s) {
+    task & t = *s.t;
+    if (t.req.n_predict == 0) {  // nothing to generate: the prompt is cached, as llama.cpp does
+        finish(s, FINISH_REASON_LENGTH);
+        return;
+    }
+    t.generating = true;
+    t.next_token = t.req.prompt.back();
+    if (spec_ && t.spec.types != 0) {
+        spec_->begin(s.id, t.spec.types, s.cache);
+        // A new request starts from what its kind of draft has earned so far, server-wide.
+        const bool model_only = t.spec.types == speculative_type_bit("draft-simple");
+        t.spec.acceptance = spec_->acceptance(model_only ? COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE
+                                                         : COMMON_SPECULATIVE_TYPE_NGRAM_SIMPLE);
+    }
+}
+
+void engine::verify(slot & s) {
+    task & t = *s.t;
+    const int32_t k = (int32_t) t.spec.draft.size();
+    const llama_pos pos0 = s.pos_next();
+    s.cache.push_back(t.next_token);
+
+    int32_t n_accepted = 0;
+    finish_reason reason = FINISH_REASON_NONE;
+    std::string error;
+    for (int32_t j = 0; j <= k; ++j) {
+        llama_token tok = LLAMA_TOKEN_NULL;
+        try {
+            tok = t.smpl->sample(ctx_.get(), s.i_out + j);
+        } catch (const constraint_error & e) {
+            t.ev.bad_request = true;
+            reason = FINISH_REASON_ERROR;
+            error = e.what();
+            break;
+        } catch (const std::exception & e) {
+            reason = FINISH_REASON_ERROR;
+            error = std::string("sampling failed: ") + e.what();
+            break;
+        }
+        reason = emit_token(s, tok, s.i_out + j);
+        if (reason != FINISH_REASON_NONE) break;
+        if (j < k && tok == t.spec.draft[(size_t) j]) {  // the draft token is what the model says
+            s.cache.push_back(tok);
+            n_accepted++;
+            continue;
+        }
+        t.next_token = tok;
+        break;
+    }
+
+    if (k > 0) {
+        t.n_drafted += k;
+        t.n_accepted += n_accepted;
+        t.spec.acceptance = update_acceptance(t.spec.acceptance, k, n_accepted);
+        spec_->accept(s.id, t.spec.type_last, k, n_accepted);
+    }
+    if (t.spec.n_tail > 0) {
+        // The draft model's KV keeps what the target accepted of what it decoded itself.
+        s.n_draft_synced = (int32_t) pos0 + std::min(n_accepted + 1, t.spec.n_tail);
+        if (!spec_->forget_from(s.id, s.n_draft_synced)) s.n_draft_synced = 0;
+        t.spec.n_tail = 0;
+    }
+    t.spec.draft.clear();
+    if ((int32_t) s.cache.size() < (int32_t) pos0 + 1 + k && !forget_from(s, s.pos_next())) {
+        // The rejected tokens could not leave the KV cache: it was dropped whole.
+        if (reason == FINISH_REASON_NONE) {
+            reason = FINISH_REASON_ERROR;
+            error = "the KV cache could not drop rejected draft tokens";
+        }
+    }
+    if (reason != FINISH_REASON_NONE) finish(s, reason, error);
+}
+
+finish_reason engine::emit_token(slot & s, llama_token tok, int32_t i_out) {
+    task & t = *s.t;
+    if (t.n_decoded == 0) t.t_first_us = now_us();
+    t.n_decoded++;
+
+    if (t.req.sampling.logprobs) {
+        const float * logits = llama_get_logits_ith(ctx_.get(), i_out);  // checked by sample()
+        t.ev.logprobs.push_back(t.smpl->logprob(logits, tok, t.req.sampling.n_probs));
+    }
+    if (model_->is_eog(tok) && !t.smpl->ignore_eos()) return FINISH_REASON_STOP;
+    t.ev.tokens.push_back(tok);
+    const auto r = t.stops.push(t.utf8.push(common_token_to_piece(model_->vocab(), tok, false)));
+    t.ev.text += r.text;
+    if (r.stopped) {
+        t.ev.stop_word = r.stop_word;
+        return FINISH_REASON_STOP;
+    }
+    if (t.req.n_predict >= 0 && t.n_decoded >= t.req.n_predict) return FINISH_REASON_LENGTH;
+    // The token goes into the KV cache next: the slot's context must have room for it.
+    if ((int32_t) s.cache.size() + 1 >= info_.n_ctx_slot) return FINISH_REASON_LENGTH;
+    return FINISH_REASON_NONE;
+}
+
+}  // namespace llamabox
