@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <unordered_set>
 
 #include "common.h"
@@ -106,6 +107,8 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
         spec_ = std::make_unique<speculator>(sp, *model_, params_.model_path, ctx_.get(), params_.kv_unified,
                                              (int32_t) cparams.n_threads, (int32_t) cparams.n_threads_batch);
         if (spec_->default_types() == 0) spec_.reset();  // "none" given
+        const char * trace = std::getenv("LLAMABOX_SPEC_TRACE");
+        trace_spec_ = trace != nullptr && trace[0] == '1';
     }
 
     info_.path = params_.model_path;

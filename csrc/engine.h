@@ -155,6 +155,7 @@ private:
     llama_context_ptr    ctx_;
     std::unique_ptr<embedder> emb_;
     std::unique_ptr<speculator> spec_;  // null when speculation is off
+    bool trace_spec_ = false;           // LLAMABOX_SPEC_TRACE=1: each step's draft sizes on stderr
     model_info           info_;
     std::unique_ptr<worker_pool> workers_;  // destroyed first: its jobs use the model
 

@@ -24,6 +24,7 @@ struct task_speculation {
     std::vector<llama_token> draft;  // this step's draft, verified with next_token
     int32_t  type_last = -1;         // the type that made `draft`
     int32_t  n_tail    = 0;          // the draft model's KV holds this many tokens from next_token on
+    int32_t  n_offered = 0;          // the draft's length before the policy cut it
 };
 
 struct task {

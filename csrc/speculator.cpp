@@ -93,6 +93,13 @@ std::vector<std::string> speculative_type_names() {
     return out;
 }
 
+int32_t speculative_first_type(uint32_t mask) {
+    for (const auto & t : TYPES) {
+        if (mask & (1u << t.type)) return t.type;
+    }
+    return -1;
+}
+
 // ---- draft_policy ----
 
 namespace {
@@ -164,10 +171,10 @@ std::vector<int32_t> draft_policy::allocate(const std::vector<slot_in> & slots, 
 
 double update_acceptance(double prior, int32_t n_drafted, int32_t n_accepted) {
     // Each accepted token is a success; the first rejected one a failure. A pseudo-count of
-    // 10 trials keeps one unlucky draft from deciding.
-    constexpr double K = 10.0;
+    // 6 trials keeps one unlucky draft from deciding, and forgets a good start in ~20 misses.
+    constexpr double K = 6.0;
     const double s = n_accepted, f = n_accepted < n_drafted ? 1.0 : 0.0;
-    return std::clamp((prior * K + s) / (K + s + f), 0.02, 0.98);
+    return std::clamp((prior * K + s) / (K + s + f), 0.02, 0.999);
 }
 
 // ---- speculator ----
@@ -410,11 +417,11 @@ bool speculator::sync_draft(std::vector<draft_job *> & jobs) {
     return true;
 }
 
-void speculator::accept(int32_t seq, int32_t type, int32_t n_drafted, int32_t n_accepted) {
+void speculator::accept(int32_t seq, int32_t type, int32_t n_drafted, int32_t n_accepted, int32_t n_told) {
     auto & a = acceptance_.try_emplace(type, 0.5).first->second;
     a = update_acceptance(a, n_drafted, n_accepted);
     if (type == COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE) return;  // its state is the draft KV
-    if (auto * spec = instance(type, 0.0f)) common_speculative_accept(spec, seq, (uint16_t) n_accepted);
+    if (auto * spec = instance(type, 0.0f)) common_speculative_accept(spec, seq, (uint16_t) std::min<int32_t>(n_told, UINT16_MAX));
 }
 
 bool speculator::forget_from(int32_t seq, llama_pos pos) {

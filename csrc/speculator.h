@@ -59,6 +59,7 @@ struct speculative_params {
 uint32_t speculative_type_bit(const std::string & name);  // 0: unknown
 std::string speculative_type_name(int32_t type);
 std::vector<std::string> speculative_type_names();
+int32_t speculative_first_type(uint32_t mask);  // the type tried first; -1 for none
 
 // How many draft tokens each generating slot verifies in the next step. A CPU decode costs
 // about a + b·n for n tokens (a: reading the weights, b: each token's compute), fitted online
@@ -144,8 +145,9 @@ public:
     // at most a batch of tokens a call: a job still behind gets no draft this time).
     void draft(std::vector<draft_job> & jobs, bool model);
 
-    // After a verification: `n_accepted` of the `n_drafted` tokens from `type` were accepted.
-    void accept(int32_t seq, int32_t type, int32_t n_drafted, int32_t n_accepted);
+    // After a verification: `n_accepted` of the `n_drafted` tokens from `type` were accepted;
+    // the drafting type is told `n_told` (see engine::verify).
+    void accept(int32_t seq, int32_t type, int32_t n_drafted, int32_t n_accepted, int32_t n_told);
     // The draft model's KV of `seq` from `pos` on goes (rejected tokens, a new prompt).
     // Returns false if llama.cpp refused, after dropping the whole sequence.
     bool forget_from(int32_t seq, llama_pos pos);

