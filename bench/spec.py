@@ -70,7 +70,8 @@ def merge_configs(base, override):
 
 COPY_PROMPT = (
     "Here is a Python module:\n\n" + LISTING + "\nThe same module, with parse_config renamed "
-    "to read_config and nothing else changed:\n\n" + LISTING.replace("def parse_config", "def read_config", 1)[:40]
+    "to read_config and nothing else changed:\n\n"
+    + LISTING.replace("def parse_config", "def read_config", 1)[:40]
 )
 FREE_PROMPT = "Once upon a time, in a small village at the edge of a great forest, there lived"
 CODE_PROMPT = (
@@ -110,7 +111,11 @@ class Result:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-async def one(client: httpx.AsyncClient, url: str, workload: str, n_predict: int) -> tuple[str, int, int, int]:
+async def one(
+    client: httpx.AsyncClient, url: str, workload: str, n_predict: int
+) -> tuple[str, int, int, int, float, float]:
+    """(text, tokens, drafted, accepted, first-token time, end time) of one request; the
+    first-token time is the end less the server's own decode time (timings.predicted_ms)."""
     if workload == "chat":
         body = {"messages": CHAT_MESSAGES, "max_tokens": n_predict, "temperature": 0}
         r = await client.post(url + "/v1/chat/completions", json=body)
@@ -119,23 +124,28 @@ async def one(client: httpx.AsyncClient, url: str, workload: str, n_predict: int
         text, n = j["choices"][0]["message"]["content"], j["usage"]["completion_tokens"]
     else:
         prompt = {"copy": COPY_PROMPT, "free": FREE_PROMPT, "code": CODE_PROMPT}[workload]
-        body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "cache_prompt": False}
+        body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "cache_prompt": True}
         r = await client.post(url + "/completion", json=body)
         r.raise_for_status()
         j = r.json()
         text, n = j["content"], j["tokens_predicted"]
     t = j.get("timings", {})
-    return text, n, int(t.get("draft_n", 0)), int(t.get("draft_n_accepted", 0))
+    end = time.perf_counter()
+    first = end - float(t.get("predicted_ms", 0.0)) / 1e3
+    return text, n, int(t.get("draft_n", 0)), int(t.get("draft_n_accepted", 0)), first, end
 
 
 async def measure(url: str, workload: str, conc: int, n_predict: int) -> Result:
     res = Result()
     async with httpx.AsyncClient(timeout=3600) as client:
-        await one(client, url, workload, 8)  # warm-up
-        t0 = time.perf_counter()
+        # Each of the `conc` slots gets the prompt into its cache first: the measured run then
+        # decodes (almost) only generated tokens, in both servers.
+        await asyncio.gather(*(one(client, url, workload, 1) for _ in range(conc)))
         outs = await asyncio.gather(*(one(client, url, workload, n_predict) for _ in range(conc)))
-        res.seconds = time.perf_counter() - t0
-    for text, n, d, a in outs:
+    # Decode throughput: all tokens over the window from the first first-token to the last end
+    # (the prompts' prefill, the same with drafts or without, is left out).
+    res.seconds = max(o[5] for o in outs) - min(o[4] for o in outs)
+    for text, n, d, a, _, _ in outs:
         res.tokens += n
         res.drafted += d
         res.accepted += a
@@ -162,8 +172,14 @@ async def amain(args: argparse.Namespace) -> int:
         common = ["-m", str(model), "-c", str(args.ctx * max(concs)), "-np", str(max(concs)),
                   "-t", str(args.threads), "-tb", str(args.threads), *flags]  # fmt: skip
         ports = {"llamabox": free_port(), "llama-server": free_port()}
-        servers = await start_both(pair_commands(llama_server, common, ports), ports, f"spec-{mode}")
+        servers = await start_both(
+            pair_commands(llama_server, common, ports), ports, f"spec-{mode}"
+        )
         try:
+            async with httpx.AsyncClient(timeout=3600) as client:
+                for workload in suite["workloads"]:  # warm-up: the same work, once each
+                    for server in servers.values():
+                        await one(client, server.url, workload, 32)
             for workload in suite["workloads"]:
                 for conc in concs:
                     samples: dict[str, list[Result]] = {"llamabox": [], "llama-server": []}
@@ -183,8 +199,11 @@ async def amain(args: argparse.Namespace) -> int:
                         row = {
                             "server": name, "mode": mode, "workload": workload, "conc": conc,
                             "tok_s": round(tps, 2),
+                            "wall_s": round(statistics.median(r.seconds for r in rs), 2),
                             "speedup": round(tps / base.tps, 3) if base and base.tps else None,
-                            "acceptance": round(best.accepted / best.drafted, 3) if best.drafted else None,
+                            "acceptance": (
+                                round(best.accepted / best.drafted, 3) if best.drafted else None
+                            ),
                             "drafted": best.drafted,
                             "same_text": base.texts == best.texts if base else None,
                         }  # fmt: skip

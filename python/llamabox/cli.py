@@ -208,7 +208,9 @@ def _spec_types(text: str) -> list[str]:
         raise ValueError("expected one or more speculative types")
     for name in names:
         if name not in _SPEC_TYPES:
-            raise ValueError(f"unknown speculative type {name!r}: expected {', '.join(_SPEC_TYPES)}")
+            raise ValueError(
+                f"unknown speculative type {name!r}: expected {', '.join(_SPEC_TYPES)}"
+            )
     return names
 
 
@@ -217,16 +219,39 @@ def _ngram_flags(kind: str) -> tuple[Flag, ...]:
     env = f"LLAMA_ARG_SPEC_NGRAM_{kind.upper().replace('-', '_')}"
     dest = f"spec.ngram_{kind.replace('-', '_')}"
     return (
-        Flag((f"--spec-ngram-{kind}-size-n",), (f"{env}_SIZE_N",), f"{dest}.size_n",
-             _int(lo=1, hi=1024), None, f"{kind}: length of the n-gram looked up", "speculative",
-             metavar="N", default_text=f"--spec-ngram-size-n, else {_NGRAM.size_n}"),
-        Flag((f"--spec-ngram-{kind}-size-m",), (f"{env}_SIZE_M",), f"{dest}.size_m",
-             _int(lo=1, hi=1024), None, f"{kind}: length of the m-gram drafted after it",
-             "speculative", metavar="N", default_text=f"--spec-ngram-size-m, else {_NGRAM.size_m}"),
-        Flag((f"--spec-ngram-{kind}-min-hits",), (f"{env}_MIN_HITS",), f"{dest}.min_hits",
-             _int(lo=1, hi=65535), None, f"{kind}: times an n-gram must have been seen",
-             "speculative", metavar="N",
-             default_text=f"--spec-ngram-min-hits, else {_NGRAM.min_hits}"),
+        Flag(
+            (f"--spec-ngram-{kind}-size-n",),
+            (f"{env}_SIZE_N",),
+            f"{dest}.size_n",
+            _int(lo=1, hi=1024),
+            None,
+            f"{kind}: length of the n-gram looked up",
+            "speculative",
+            metavar="N",
+            default_text=f"--spec-ngram-size-n, else {_NGRAM.size_n}",
+        ),
+        Flag(
+            (f"--spec-ngram-{kind}-size-m",),
+            (f"{env}_SIZE_M",),
+            f"{dest}.size_m",
+            _int(lo=1, hi=1024),
+            None,
+            f"{kind}: length of the m-gram drafted after it",
+            "speculative",
+            metavar="N",
+            default_text=f"--spec-ngram-size-m, else {_NGRAM.size_m}",
+        ),
+        Flag(
+            (f"--spec-ngram-{kind}-min-hits",),
+            (f"{env}_MIN_HITS",),
+            f"{dest}.min_hits",
+            _int(lo=1, hi=65535),
+            None,
+            f"{kind}: times an n-gram must have been seen",
+            "speculative",
+            metavar="N",
+            default_text=f"--spec-ngram-min-hits, else {_NGRAM.min_hits}",
+        ),
     )
 
 
@@ -677,7 +702,11 @@ def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str]) -> ServerC
         flag.dest: _resolve(flag, getattr(namespace, _ns_key(flag)), environ) for flag in FLAGS
     }
     sections: dict[str, dict[str, Any]] = {
-        "engine": {}, "sampling": {}, "server": {}, "spec": {}, "spec_ngram": {}
+        "engine": {},
+        "sampling": {},
+        "server": {},
+        "spec": {},
+        "spec_ngram": {},
     }
     for dest, setting in settings.items():
         section, _, field = dest.partition(".")

@@ -96,9 +96,21 @@ def _engine_params(config: EngineConfig) -> _core.EngineParams:
 def _speculative_params(config: SpeculativeConfig) -> _core.SpeculativeParams:
     sp = _core.SpeculativeParams()
     sp.types = list(config.types)
-    for field in ("n_max", "n_min", "p_min", "adaptive", "draft_n_gpu_layers", "draft_n_ctx",
-                  "draft_n_threads", "draft_n_threads_batch", "draft_cache_type_k",
-                  "draft_cache_type_v", "ngram_mod_n_match", "ngram_mod_n_min", "ngram_mod_n_max"):
+    for field in (
+        "n_max",
+        "n_min",
+        "p_min",
+        "adaptive",
+        "draft_n_gpu_layers",
+        "draft_n_ctx",
+        "draft_n_threads",
+        "draft_n_threads_batch",
+        "draft_cache_type_k",
+        "draft_cache_type_v",
+        "ngram_mod_n_match",
+        "ngram_mod_n_min",
+        "ngram_mod_n_max",
+    ):
         setattr(sp, field, getattr(config, field))
     sp.draft_model = config.draft_model or ""
     sp.draft_devices = list(config.draft_devices)

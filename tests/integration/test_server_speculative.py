@@ -41,7 +41,9 @@ def test_completion_reports_drafts(spec_server: ServerProcess) -> None:
         timings = r.json()["timings"]
         assert 0 < timings["draft_n"] <= 4 * 24 and timings["draft_n_accepted"] > 0
         metrics = http.get("/metrics").text
-        drafted = [line for line in metrics.splitlines() if line.startswith("llamacpp:n_drafted_total")]
+        drafted = [
+            line for line in metrics.splitlines() if line.startswith("llamacpp:n_drafted_total")
+        ]
         assert drafted and int(drafted[0].split()[1]) > 0
         assert "llamacpp:n_drafted_accepted_total" in metrics
         slots = http.get("/slots").json()

@@ -18,9 +18,9 @@ from llamabox.types import EngineConfig, GenerateRequest, SamplingParams, Specul
 pytestmark = [pytest.mark.integration, pytest.mark.qwen, pytest.mark.asyncio(loop_scope="session")]
 
 PROMPTS = [
-    "def fibonacci(n: int) -> int:\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n: int) -> int:\n    """Return the n-th Fibonacci number."""\n',
     "# A function that checks whether a string is a palindrome\ndef is_palindrome(s):\n",
-    "class Stack:\n    \"\"\"A LIFO stack backed by a list.\"\"\"\n\n    def __init__(self):\n",
+    'class Stack:\n    """A LIFO stack backed by a list."""\n\n    def __init__(self):\n',
 ]
 
 
@@ -55,7 +55,7 @@ async def test_draft_pair_agrees_with_plain_decoding() -> None:
         got = [await greedy_tokens(spec, p) for p in PROMPTS]
     finally:
         await spec.stop()
-    agree = sum(common_prefix(g[0], e[0]) for g, e in zip(got, expected))
+    agree = sum(common_prefix(g[0], e[0]) for g, e in zip(got, expected, strict=True))
     total = sum(len(e[0]) for e in expected)
     assert agree >= 0.5 * total, (agree, total)
     drafted = sum(g[1] for g in got)

@@ -92,7 +92,13 @@ ResponseFormat = TextFormat | JSONObjectFormat | JSONSchemaFormat
 
 DraftTokens = Annotated[int, Meta(ge=0, le=1024)]
 SpeculativeType = Literal[
-    "none", "draft", "draft-simple", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod",
+    "none",
+    "draft",
+    "draft-simple",
+    "ngram-simple",
+    "ngram-map-k",
+    "ngram-map-k4v",
+    "ngram-mod",
     "ngram-cache",
 ]
 

@@ -1,0 +1,198 @@
+// The engine's calls from any thread: preparing requests (tokenize, samplers, speculation
+// settings), submitting and cancelling them, the worker-thread jobs, events and stats. Nothing
+// here touches decode-thread state; see engine.h for each call's contract.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <memory>
+
+#include "embedder.h"
+#include "engine.h"
+#include "model.h"
+#include "sampler.h"
+#include "slot.h"
+#include "speculator.h"
+
+namespace llamabox {
+
+prepared engine::prepare(request && req, const std::vector<uint64_t> & ids) const {
+    if (ids.empty()) throw invalid_request("no request ids");
+    const char * what = req.kind == REQUEST_KIND_EMBEDDING ? "input" : "prompt";
+    if (!req.text.empty()) {
+        if (!req.prompt.empty()) throw invalid_request("give the prompt as text or as tokens, not both", what);
+        req.prompt = model_->tokenize(req.text, req.add_special, req.parse_special);
+        req.text.clear();
+        req.text.shrink_to_fit();
+    } else {
+        model_->check_tokens(req.prompt, what);
+    }
+    if (req.prompt.empty()) throw invalid_request(std::string("the ") + what + " is empty", what);
+
+    prepared out;
+    out.n_prompt = (int32_t) req.prompt.size();
+    if (req.kind == REQUEST_KIND_EMBEDDING) {
+        if (!emb_) throw invalid_request("this server was started without embeddings (--embeddings)");
+        if (out.n_prompt > emb_->n_tokens_max()) {
+            throw invalid_request("input has " + std::to_string(out.n_prompt) +
+                                  " tokens, more than the physical batch size (--ubatch-size) of " +
+                                  std::to_string(emb_->n_tokens_max()), "input");
+        }
+        for (uint64_t id : ids) {
+            auto t = std::make_unique<task>();
+            t->req = req;
+            t->req.id_req = id;
+            out.tasks.push_back(std::move(t));
+        }
+        return out;
+    }
+    if (out.n_prompt >= info_.n_ctx_slot) throw context_length_error(out.n_prompt, info_.n_ctx_slot);
+
+    const task_speculation spec = resolve_speculation(req.speculative);
+
+    // One seed per choice: the request's, else the server's, else random for each choice.
+    const int64_t base = req.sampling.seed >= 0 ? req.sampling.seed : params_.seed;
+    for (size_t j = 0; j < ids.size(); ++j) {
+        const uint32_t seed = base >= 0 ? (uint32_t) (((uint64_t) base + j) & 0xFFFFFFFFu) : LLAMA_DEFAULT_SEED;
+        auto t = std::make_unique<task>();
+        t->smpl = make_sampler(*model_, req.sampling, seed, info_.n_ctx_slot);
+        t->spec = spec;
+        t->stops = stop_matcher(req.stop);
+        t->req = j + 1 == ids.size() ? std::move(req) : req;
+        t->req.id_req = ids[j];
+        out.tasks.push_back(std::move(t));
+    }
+    return out;
+}
+
+task_speculation engine::resolve_speculation(const speculative_override & o) const {
+    task_speculation out;
+    if (!spec_) {
+        if (!o.type.empty() && o.type != "none") {
+            throw invalid_request("speculative decoding is off on this server (start it with --spec-type or "
+                                  "--model-draft)", "speculative");
+        }
+        return out;
+    }
+    out.types = spec_->default_types();
+    if (!o.type.empty()) {
+        if (o.type == "none") {
+            out.types = 0;
+        } else {
+            const uint32_t bit = speculative_type_bit(o.type);
+            if (bit == 0 || !(bit & spec_->available_types())) {
+                std::string known = "none";
+                for (const auto & n : speculative_type_names()) {
+                    if (speculative_type_bit(n) & spec_->available_types()) known += ", " + n;
+                }
+                throw invalid_request("speculative.type '" + o.type + "' is not available here (" + known + ")",
+                                      "speculative");
+            }
+            out.types = bit;
+        }
+    }
+    // A draft longer than the server's --draft would not fit the output buffers: capped there.
+    out.n_max = o.n_max >= 0 ? std::min(o.n_max, spec_->n_max()) : spec_->n_max();
+    out.n_min = o.n_min >= 0 ? o.n_min : spec_->n_min();
+    out.p_min = o.p_min >= 0 ? o.p_min : spec_->p_min();
+    if (!(out.p_min <= 1.0f)) throw invalid_request("speculative.p_min must be in [0, 1]", "speculative");
+    return out;
+}
+
+void engine::submit(prepared && p) {
+    int32_t n_gen = 0, n_emb = 0;
+    for (const auto & t : p.tasks) (t->req.kind == REQUEST_KIND_EMBEDDING ? n_emb : n_gen)++;
+    std::lock_guard<std::mutex> lk(mtx_in_);
+    if (stopping_) throw engine_stopped("the engine is stopped");
+    if (n_gen > 0 && std::max(0, n_unassigned_ + n_gen - n_idle_) > params_.n_queue_max) {
+        throw queue_full("all " + std::to_string(params_.n_parallel) + " slots are busy and " +
+                         std::to_string(params_.n_queue_max) + " requests are waiting");
+    }
+    if (n_emb > 0 && n_emb_waiting_ + n_emb > params_.n_parallel + params_.n_queue_max) {
+        throw queue_full(std::to_string(n_emb_waiting_) + " embedding inputs are waiting");
+    }
+    for (auto & t : p.tasks) inbox_.push_back(std::move(t));
+    p.tasks.clear();
+    n_unassigned_ += n_gen;
+    n_emb_waiting_ += n_emb;
+    cv_in_.notify_one();
+}
+
+void engine::post_job(uint64_t id_job, std::function<void(job_result &)> fn) {
+    workers_->post([this, id_job, fn = std::move(fn)] {
+        job_result r;
+        r.id_job = id_job;
+        try {
+            fn(r);
+        } catch (...) {
+            r.error = std::current_exception();
+        }
+        std::lock_guard<std::mutex> lk(mtx_out_);
+        jobs_done_.push_back(std::move(r));
+        notify_locked();
+    });
+}
+
+void engine::post_prepare(uint64_t id_job, request && req, std::vector<uint64_t> ids) {
+    // std::function needs a copyable callable: the request travels in a shared_ptr.
+    auto moved = std::make_shared<request>(std::move(req));
+    post_job(id_job, [this, moved, ids = std::move(ids)](job_result & r) { r.prep = prepare(std::move(*moved), ids); });
+}
+
+void engine::post_tokenize(uint64_t id_job, std::string text, bool add_special, bool parse_special) {
+    post_job(id_job, [this, text = std::move(text), add_special, parse_special](job_result & r) {
+        r.tokens = tokenize(text, add_special, parse_special);
+    });
+}
+
+void engine::post_detokenize(uint64_t id_job, std::vector<llama_token> tokens) {
+    post_job(id_job, [this, tokens = std::move(tokens)](job_result & r) { r.text = detokenize(tokens); });
+}
+
+void engine::post_template(uint64_t id_job, std::string messages_json, bool add_generation_prompt) {
+    post_job(id_job, [this, json = std::move(messages_json), add_generation_prompt](job_result & r) {
+        r.text = apply_chat_template(json, add_generation_prompt);
+    });
+}
+
+std::vector<job_result> engine::poll_jobs() {
+    std::vector<job_result> out;
+    std::lock_guard<std::mutex> lk(mtx_out_);
+    out.swap(jobs_done_);
+    return out;
+}
+
+void engine::cancel(uint64_t id_req) {
+    std::lock_guard<std::mutex> lk(mtx_in_);
+    cancels_.push_back(id_req);
+    cv_in_.notify_one();
+}
+
+std::vector<event> engine::poll_events() {
+    std::vector<event> out;
+    std::lock_guard<std::mutex> lk(mtx_out_);
+    char buf[64];
+    while (read(pipe_rd_, buf, sizeof(buf)) > 0) {}
+    notified_ = false;
+    out.swap(events_);
+    return out;
+}
+
+engine_stats engine::stats() const {
+    std::lock_guard<std::mutex> lk(mtx_stats_);
+    return stats_;
+}
+
+std::vector<llama_token> engine::tokenize(const std::string & text, bool add_special, bool parse_special) const {
+    return model_->tokenize(text, add_special, parse_special);
+}
+
+std::string engine::detokenize(const std::vector<llama_token> & tokens) const { return model_->detokenize(tokens); }
+
+std::string engine::token_piece(llama_token token) const { return model_->token_piece(token); }
+
+std::string engine::apply_chat_template(const std::string & messages_json, bool add_generation_prompt) const {
+    return model_->apply_chat_template(messages_json, add_generation_prompt);
+}
+
+}  // namespace llamabox
