@@ -92,7 +92,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "workloads": ("copy", "free"),
     },
     "draft": {
-        "modes": {"plain": [], "draft": ["-md", "{draft}"]},
+        "modes": {"plain": [], "draft": ["--spec-type", "draft-simple", "-md", "{draft}"]},
         "workloads": ("code", "chat"),
     },
 }
