@@ -1,9 +1,10 @@
 """Speculative decoding: speedup over plain decoding, llamabox and llama-server side by side.
 
-For each mode (plain, then each drafting type) both servers are started with the same flags
-and the same workload is sent to each in turn (llamabox then llama-server, then the other way
-round on the next repeat). Reported per server and mode: generated tokens per second over the
-whole run at each concurrency, the speedup over the same server's plain decoding, the draft
+Both servers run plain decoding all along; for each drafting type a second pair starts with the
+same flags plus that type, and each workload is sent to the four in turn (plain and the mode
+next to each other, in the same minutes; the order reverses on the next repeat). Reported per
+server and mode: generated tokens per second at each concurrency, the speedup over the same
+server's plain decoding measured alongside, the draft
 acceptance (from the responses' timings), and whether the greedy text equals plain decoding's.
 
 Workloads:
@@ -30,7 +31,7 @@ from typing import Any
 import httpx
 
 from common import build_llama_tools, log
-from servers import free_port, pair_commands, start_both, stop_server
+from servers import SERVERS, Server, free_port, pair_commands, start_both, stop_server
 
 LISTING = '''\
 def parse_config(path):
@@ -166,65 +167,74 @@ async def amain(args: argparse.Namespace) -> int:
     llama_server = build_llama_tools()["llama-server"]
     concs = [int(c) for c in args.conc.split(",")]
     rows: list[dict[str, Any]] = []
-    plain: dict[tuple[str, str, int], Result] = {}
-    for mode, mflags in suite["modes"].items():
-        flags = [f.format(draft=draft) for f in mflags]
+    modes = args.modes.split(",") if args.modes else list(suite["modes"])
+    modes = [m for m in modes if m != "plain"]
+
+    async def start(mode: str) -> dict[str, Server]:
+        flags = [f.format(draft=draft) for f in suite["modes"][mode]]
         common = ["-m", str(model), "-c", str(args.ctx * max(concs)), "-np", str(max(concs)),
                   "-t", str(args.threads), "-tb", str(args.threads), *flags]  # fmt: skip
         ports = {"llamabox": free_port(), "llama-server": free_port()}
         servers = await start_both(
             pair_commands(llama_server, common, ports), ports, f"spec-{mode}"
         )
-        try:
-            async with httpx.AsyncClient(timeout=3600) as client:
-                for workload in suite["workloads"]:  # warm-up: the same work, once each
-                    for server in servers.values():
-                        await one(client, server.url, workload, 32)
-            for workload in suite["workloads"]:
-                for conc in concs:
-                    samples: dict[str, list[Result]] = {"llamabox": [], "llama-server": []}
-                    for rep in range(args.repeat):
-                        order = list(servers) if rep % 2 == 0 else list(reversed(servers))
-                        for name in order:
-                            samples[name].append(
-                                await measure(servers[name].url, workload, conc, args.n_predict)
-                            )
-                    for name, rs in samples.items():
-                        best = max(rs, key=lambda r: r.tps)
-                        tps = statistics.median(r.tps for r in rs)
-                        key = (name, workload, conc)
-                        if mode == "plain":
-                            plain[key] = best
-                        base = plain.get(key)
-                        row = {
-                            "server": name, "mode": mode, "workload": workload, "conc": conc,
-                            "tok_s": round(tps, 2),
-                            "wall_s": round(statistics.median(r.seconds for r in rs), 2),
-                            "speedup": round(tps / base.tps, 3) if base and base.tps else None,
-                            "acceptance": (
-                                round(best.accepted / best.drafted, 3) if best.drafted else None
-                            ),
-                            "drafted": best.drafted,
-                            "same_text": base.texts == best.texts if base else None,
-                        }  # fmt: skip
-                        rows.append(row)
-                        log(json.dumps(row))
-        finally:
-            for s in servers.values():
-                stop_server(s)
-    # ratio of llamabox's speedup-mode throughput to llama-server's, per mode/workload/conc
+        async with httpx.AsyncClient(timeout=3600) as client:
+            for workload in suite["workloads"]:  # warm-up: the same work, once each
+                for server in servers.values():
+                    await one(client, server.url, workload, 32)
+        return servers
+
+    # Plain decoding runs all along, and is measured next to each mode, in the same minutes:
+    # on a shared machine throughput drifts by 10-20 % from one minute to the next.
+    plain = await start("plain")
+    try:
+        for mode in modes:
+            servers = await start(mode)
+            try:
+                for workload in suite["workloads"]:
+                    for conc in concs:
+                        samples: dict[tuple[str, str], list[Result]] = {}
+                        for rep in range(args.repeat):
+                            order = [(n, m) for n in SERVERS for m in ("plain", mode)]
+                            for name, m in order if rep % 2 == 0 else reversed(order):
+                                url = (plain if m == "plain" else servers)[name].url
+                                r = await measure(url, workload, conc, args.n_predict)
+                                samples.setdefault((name, m), []).append(r)
+                        for name in SERVERS:
+                            base, rs = samples[(name, "plain")], samples[(name, mode)]
+                            best, base_best = max(rs, key=lambda r: r.tps), base[0]
+                            tps = statistics.median(r.tps for r in rs)
+                            tps_plain = statistics.median(r.tps for r in base)
+                            row = {
+                                "server": name, "mode": mode, "workload": workload, "conc": conc,
+                                "tok_s": round(tps, 2), "plain_tok_s": round(tps_plain, 2),
+                                "speedup": round(tps / tps_plain, 3) if tps_plain else None,
+                                "acceptance": (
+                                    round(best.accepted / best.drafted, 3) if best.drafted else None
+                                ),
+                                "drafted": best.drafted,
+                                "same_text": base_best.texts == best.texts,
+                            }  # fmt: skip
+                            rows.append(row)
+                            log(json.dumps(row))
+            finally:
+                for srv in servers.values():
+                    stop_server(srv)
+    finally:
+        for srv in plain.values():
+            stop_server(srv)
     print(f"{'mode':14} {'workload':8} {'conc':>4} {'llamabox':>9} {'llama-srv':>9} {'ratio':>6} "
           f"{'lb x':>6} {'ls x':>6} {'lb acc':>6} {'ls acc':>6} same")  # fmt: skip
     by = {(r["server"], r["mode"], r["workload"], r["conc"]): r for r in rows}
     for (name, mode, workload, conc), r in by.items():
         if name != "llamabox":
             continue
-        o = by.get(("llama-server", mode, workload, conc), {})
-        ratio = r["tok_s"] / o["tok_s"] if o.get("tok_s") else float("nan")
-        print(f"{mode:14} {workload:8} {conc:>4} {r['tok_s']:>9.2f} {o.get('tok_s', 0):>9.2f} "
-              f"{ratio:>6.2f} {r['speedup'] or 0:>6.2f} {o.get('speedup') or 0:>6.2f} "
-              f"{r['acceptance'] or 0:>6.2f} {o.get('acceptance') or 0:>6.2f} "
-              f"{r['same_text']}/{o.get('same_text')}")  # fmt: skip
+        o = by[("llama-server", mode, workload, conc)]
+        ratio = r["tok_s"] / o["tok_s"] if o["tok_s"] else float("nan")
+        print(f"{mode:14} {workload:8} {conc:>4} {r['tok_s']:>9.2f} {o['tok_s']:>9.2f} "
+              f"{ratio:>6.2f} {r['speedup'] or 0:>6.2f} {o['speedup'] or 0:>6.2f} "
+              f"{r['acceptance'] or 0:>6.2f} {o['acceptance'] or 0:>6.2f} "
+              f"{r['same_text']}/{o['same_text']}")  # fmt: skip
     print(json.dumps({"bench": "spec", "suite": args.suite, "threads": args.threads, "rows": rows}))
     return 0
 
@@ -239,6 +249,7 @@ def main() -> int:
     ap.add_argument("--n-predict", type=int, default=192)
     ap.add_argument("--ctx", type=int, default=1024, help="context per slot")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--modes", help="comma-separated subset of the suite's modes (plain first)")
     return asyncio.run(amain(ap.parse_args()))
 
 

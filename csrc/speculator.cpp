@@ -154,34 +154,62 @@ double draft_policy::cost_per_token_ms() const { return b_; }
 
 double draft_policy::cost_fixed_ms() const { return a_; }
 
+double draft_policy::step_ms(int32_t n) const {
+    // Between sizes seen: linear between the nearest two; outside them: the fitted line from
+    // the nearest one seen (CPU batches get cheaper per row as they grow, which one line over
+    // all sizes would miss).
+    n = std::clamp(n, 1, N_BUCKETS - 1);
+    if (seen_[n] > 0) return ms_[n];
+    int32_t lo = n - 1, hi = n + 1;
+    while (lo >= 1 && seen_[lo] == 0) lo--;
+    while (hi < N_BUCKETS && seen_[hi] == 0) hi++;
+    if (lo >= 1 && hi < N_BUCKETS) return ms_[lo] + (ms_[hi] - ms_[lo]) * (n - lo) / (double) (hi - lo);
+    if (lo >= 1) return ms_[lo] + b_ * (n - lo);
+    if (hi < N_BUCKETS) return std::max(0.0, ms_[hi] - b_ * (hi - n));
+    return a_ + b_ * n;
+}
+
 std::vector<int32_t> draft_policy::allocate(const std::vector<slot_in> & slots, int32_t n_gen, int32_t n_other) const {
     std::vector<int32_t> k(slots.size(), 0);
-    const double b = cost_per_token_ms();
-    if (b <= 0) {  // nothing measured yet: one token each, to start measuring
+    if (b_ <= 0) {  // nothing measured yet: one token each, to start measuring
         for (size_t i = 0; i < slots.size(); ++i) k[i] = std::min(slots[i].n_avail, 1);
         return k;
     }
-    const double a = cost_fixed_ms();
-    double tokens = n_gen, ms = a + b * (n_gen + n_other);
-    int32_t depth_open = 0;  // the draft model runs this many steps already
-    // Candidates best first: slot i's next token adds acceptance_i^(k_i + 1) expected tokens.
+    // Candidate draft tokens best first (slot i's next one adds acceptance_i^(k_i + 1)
+    // expected tokens); the step's tokens per ms is evaluated after each, on the measured cost
+    // curve, and the best prefix of the order is taken. A draft must beat plain decoding by a
+    // margin: an estimate that only breaks even loses to noise and to what it does not count.
+    constexpr double MARGIN = 1.05;
+    const int32_t n0 = n_gen + n_other;
+    const double plain = n_gen / step_ms(n0);
+    double tokens = n_gen, extra_ms = 0.0, best = plain * MARGIN;
+    int32_t depth_open = 0, n_taken = 0, n_best = 0;
+    std::vector<size_t> order;
     using cand = std::pair<double, size_t>;
     std::priority_queue<cand> q;
     for (size_t i = 0; i < slots.size(); ++i) {
         if (slots[i].n_avail > 0) q.push({slots[i].acceptance, i});
     }
-    while (!q.empty()) {
+    std::vector<int32_t> kk(slots.size(), 0);
+    while (!q.empty() && n_taken < N_BUCKETS - 1 - n0) {
         const auto [gain, i] = q.top();
         q.pop();
-        const bool new_depth = slots[i].model && k[i] + 1 > depth_open;
-        const double cost = b + (new_depth ? draft_ms_ : 0.0);
-        if (gain * ms <= tokens * cost) continue;  // lowers tokens per ms; this slot is done
+        if (slots[i].model && kk[i] + 1 > depth_open) {  // a new depth: one more draft-model step
+            extra_ms += draft_ms_;
+            depth_open = kk[i] + 1;
+        }
+        kk[i]++;
+        n_taken++;
         tokens += gain;
-        ms += cost;
-        k[i]++;
-        if (slots[i].model) depth_open = std::max(depth_open, k[i]);
-        if (k[i] < slots[i].n_avail) q.push({gain * slots[i].acceptance, i});
+        order.push_back(i);
+        const double rate = tokens / (step_ms(n0 + n_taken) + extra_ms);
+        if (rate > best) {
+            best = rate;
+            n_best = n_taken;
+        }
+        if (kk[i] < slots[i].n_avail) q.push({gain * slots[i].acceptance, i});
     }
+    for (int32_t m = 0; m < n_best; ++m) k[order[(size_t) m]]++;
     return k;
 }
 

@@ -64,10 +64,11 @@ int32_t speculative_first_type(uint32_t mask);  // the type tried first; -1 for 
 // How many draft tokens each generating slot verifies in the next step. A CPU decode costs
 // about a + b·n for n tokens (a: reading the weights, b: each token's compute), fitted online
 // from the steps themselves; a draft token j of a slot whose tokens are accepted with
-// probability α each adds α^j expected tokens at cost b (plus a draft model's step). Tokens
-// are added best first while they raise the step's tokens per second: at one stream nearly
+// probability α each adds α^j expected tokens at cost b (plus a draft model's step). Taken
+// best first, as many as give the step the most tokens per second: at one stream nearly
 // every plausible draft pays, in a compute-bound batch only the likeliest ones do, and a
-// step never expects fewer tokens per second than plain decoding.
+// step drafts only if it expects 5 % more tokens per second than plain decoding. The cost curve is the
+// measured one (a running mean per batch size), the line only fills in sizes not seen.
 class draft_policy {
 public:
     draft_policy();
@@ -84,6 +85,7 @@ public:
     // prefill tokens in the same step.
     std::vector<int32_t> allocate(const std::vector<slot_in> & slots, int32_t n_gen, int32_t n_other) const;
 
+    double step_ms(int32_t n_tokens) const;  // a decode of n tokens, from what was measured
     double cost_fixed_ms() const;     // a
     double cost_per_token_ms() const; // b
     double draft_step_ms() const { return draft_ms_; }
