@@ -27,20 +27,6 @@ namespace {
 constexpr int PREPARE_THREADS = 2;
 constexpr int PREPARE_NICE    = 10;
 
-int64_t now_us() {
-    return std::chrono::duration_cast<std::chrono::microseconds>(
-               std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-}
-
-ggml_type parse_cache_type(const std::string & name) {
-    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
-        const char * tn = ggml_type_name((ggml_type) t);
-        if (tn && name == tn) return (ggml_type) t;
-    }
-    throw load_error("unknown KV cache type '" + name + "' (try f16, bf16, q8_0, q4_0)");
-}
-
 }  // namespace
 
 prepared::prepared() = default;
@@ -72,8 +58,8 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
     cparams.n_threads       = n_threads;
     cparams.n_threads_batch = params_.n_threads_batch > 0 ? params_.n_threads_batch : n_threads;
     cparams.flash_attn_type = (llama_flash_attn_type) params_.flash_attn;
-    cparams.type_k          = parse_cache_type(params_.cache_type_k);
-    cparams.type_v          = parse_cache_type(params_.cache_type_v);
+    cparams.type_k          = kv_cache_type(params_.cache_type_k);
+    cparams.type_v          = kv_cache_type(params_.cache_type_v);
     cparams.kv_unified      = params_.kv_unified;
     cparams.swa_full        = params_.swa_full;
     cparams.no_perf         = true;

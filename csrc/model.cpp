@@ -41,6 +41,14 @@ std::string join(const std::vector<std::string> & items) {
 
 }  // namespace
 
+ggml_type kv_cache_type(const std::string & name) {
+    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+        const char * tn = ggml_type_name((ggml_type) t);
+        if (tn && name == tn) return (ggml_type) t;
+    }
+    throw load_error("unknown KV cache type '" + name + "' (try f16, bf16, q8_0, q4_0)");
+}
+
 std::vector<std::string> builtin_chat_templates() {
     const int32_t n = llama_chat_builtin_templates(nullptr, 0);
     std::vector<const char *> names(n > 0 ? (size_t) n : 0);

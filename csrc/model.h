@@ -75,6 +75,9 @@ private:
     std::array<bool, 256> special_first_byte_ {};
 };
 
+// The ggml type of a KV cache type name (f16, q8_0, ...); throws load_error naming the choices.
+ggml_type kv_cache_type(const std::string & name);
+
 // The built-in chat template names llama.cpp knows (llama_chat_builtin_templates).
 std::vector<std::string> builtin_chat_templates();
 

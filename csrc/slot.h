@@ -2,6 +2,7 @@
 // engine's step code (step.cpp) and loop (engine.cpp) share these, nothing else sees them.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -11,6 +12,12 @@
 #include "text.h"
 
 namespace llamabox {
+
+inline int64_t now_us() {  // the clock of a task's timings
+    return std::chrono::duration_cast<std::chrono::microseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
 
 // One request's speculative-decoding settings, resolved against the server's at submit.
 struct task_speculation {

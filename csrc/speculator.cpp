@@ -27,21 +27,12 @@ constexpr type_name TYPES[] = {
     {COMMON_SPECULATIVE_TYPE_NGRAM_CACHE, "ngram-cache"},
     {COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE, "draft-simple"},
 };
-constexpr uint32_t DRAFT_BIT = 1u << COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE;
 
 constexpr int VOCAB_MAX_SIZE_DIFFERENCE = 128;  // as llama.cpp allows
 constexpr int VOCAB_CHECK_FROM = 5;             // the first tokens (BOS, EOS, ...) may differ in text
 
 double now_ms() {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-ggml_type cache_type(const std::string & name) {
-    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
-        const char * tn = ggml_type_name((ggml_type) t);
-        if (tn && name == tn) return (ggml_type) t;
-    }
-    throw load_error("unknown KV cache type '" + name + "' for the draft model");
 }
 
 // Why the draft model cannot draft for the target; empty if it can.
@@ -73,7 +64,7 @@ std::string vocab_mismatch(const llama_model * tgt, const llama_model * dft) {
 }  // namespace
 
 uint32_t speculative_type_bit(const std::string & name) {
-    if (name == "draft") return DRAFT_BIT;
+    if (name == "draft") return SPEC_DRAFT_BIT;
     for (const auto & t : TYPES) {
         if (name == t.name) return 1u << t.type;
     }
@@ -241,8 +232,8 @@ speculator::speculator(const speculative_params & params, const model & target, 
         }
         types_ |= bit;
     }
-    if (!params_.draft_model.empty()) types_ |= DRAFT_BIT;  // a draft model given is a draft model used
-    if ((types_ & DRAFT_BIT) && params_.draft_model.empty()) {
+    if (!params_.draft_model.empty()) types_ |= SPEC_DRAFT_BIT;  // a draft model given is a draft model used
+    if ((types_ & SPEC_DRAFT_BIT) && params_.draft_model.empty()) {
         throw load_error("speculative type draft-simple needs a draft model (--model-draft FILE)");
     }
     if (types_ != 0 && (llama_model_is_recurrent(target.get()) || llama_model_is_hybrid(target.get()))) {
@@ -276,8 +267,8 @@ speculator::speculator(const speculative_params & params, const model & target, 
         cp.n_threads       = params_.draft_n_threads > 0 ? params_.draft_n_threads : n_threads;
         cp.n_threads_batch = params_.draft_n_threads_batch > 0 ? params_.draft_n_threads_batch
                              : params_.draft_n_threads > 0 ? params_.draft_n_threads : n_threads_batch;
-        cp.type_k          = cache_type(params_.draft_cache_type_k);
-        cp.type_v          = cache_type(params_.draft_cache_type_v);
+        cp.type_k          = kv_cache_type(params_.draft_cache_type_k);
+        cp.type_v          = kv_cache_type(params_.draft_cache_type_v);
         cp.kv_unified      = kv_unified;
         cp.swa_full        = true;  // rejected drafts are removed from the tail
         cp.no_perf         = true;
@@ -311,10 +302,8 @@ speculator::~speculator() {
 uint32_t speculator::available_types() const {
     uint32_t all = 0;
     for (const auto & t : TYPES) all |= 1u << t.type;
-    return dft_ctx_ ? all : all & ~DRAFT_BIT;
+    return dft_ctx_ ? all : all & ~SPEC_DRAFT_BIT;
 }
-
-int32_t speculator::n_outputs_max() const { return 1 + params_.n_max; }
 
 double speculator::acceptance(int32_t type) const {
     const auto it = acceptance_.find(type);

@@ -57,6 +57,7 @@ struct speculative_params {
 
 // The names of the drafting types, and their bits in a type mask.
 uint32_t speculative_type_bit(const std::string & name);  // 0: unknown
+constexpr uint32_t SPEC_DRAFT_BIT = 1u << COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE;  // the draft model
 std::string speculative_type_name(int32_t type);
 std::vector<std::string> speculative_type_names();
 int32_t speculative_first_type(uint32_t mask);  // the type tried first; -1 for none
@@ -122,7 +123,6 @@ public:
     float    p_min() const { return params_.p_min; }
     bool     adaptive() const { return params_.adaptive; }
     bool     has_draft_model() const { return dft_ctx_ != nullptr; }
-    int32_t  n_outputs_max() const;  // most logits a slot asks for in one step
     draft_policy & policy() { return policy_; }
 
     // A sequence starts generating with `history` in its KV cache.

@@ -23,12 +23,6 @@ namespace llamabox {
 
 namespace {
 
-int64_t now_us() {
-    return std::chrono::duration_cast<std::chrono::microseconds>(
-               std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-}
-
 void batch_add(llama_batch & b, llama_token tok, llama_pos pos, llama_seq_id seq, bool logits) {
     const int32_t i = b.n_tokens++;
     b.token[i]     = tok;
@@ -95,7 +89,7 @@ void engine::plan_drafts() {
     std::vector<draft_policy::slot_in> in(jobs.size());
     for (size_t i = 0; i < jobs.size(); ++i) {
         const task & t = *owners[i]->t;
-        const bool by_model = t.spec.draft.empty() && model_ok && (t.spec.types & speculative_type_bit("draft-simple"));
+        const bool by_model = t.spec.draft.empty() && model_ok && (t.spec.types & SPEC_DRAFT_BIT);
         in[i].n_avail    = by_model ? jobs[i].n_max : (int32_t) t.spec.draft.size();
         in[i].acceptance = t.spec.acceptance;
         in[i].model      = by_model;
@@ -135,7 +129,9 @@ void engine::plan_drafts() {
             }
         } else {
             t.spec.n_offered = (int32_t) t.spec.draft.size();
-            if (k[i] == 0 && t.spec.shadow.empty() && !t.spec.draft.empty()) {
+            if (k[i] > 0) {
+                t.spec.shadow.clear();  // the verification counts; a shadow would count again
+            } else if (t.spec.shadow.empty() && !t.spec.draft.empty()) {
                 t.spec.shadow = t.spec.draft;
                 t.spec.shadow_pos = 0;
             }
