@@ -109,6 +109,11 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
 
     workers_ = std::make_unique<worker_pool>(PREPARE_THREADS, PREPARE_NICE);
     batch_ = llama_batch_init(params_.n_batch + params_.n_parallel + n_draft_step_max_, 0, 1);
+    if (spec_ && spec_->adaptive()) {
+        const bool stream_per_seq = !params_.kv_unified && params_.n_parallel > 1;
+        spec_->policy().set_layout(stream_per_seq, (int32_t) llama_n_ubatch(ctx_.get()), n_draft_step_max_);
+        measure_step_costs();
+    }
     for (int32_t i = 0; i < params_.n_parallel; ++i) {
         auto s = std::make_unique<slot>();
         s->id = i;

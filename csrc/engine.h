@@ -128,6 +128,7 @@ private:
     void run_embeddings();
     void run_generation();
     void plan_drafts();  // this step's draft for each generating slot (step.cpp)
+    void measure_step_costs();  // at start: what steps of the sizes drafting makes cost (step.cpp)
     void commit_slot(slot & s, int32_t n_added);
     void prefill_done(slot & s);  // the prompt's last token goes into the next step
     void verify(slot & s);        // samples the slot's outputs, accepts what matches its draft
@@ -147,6 +148,9 @@ private:
         int32_t ret       = 0;  // llama_decode's code
         int32_t n_tokens  = 0;  // tokens in the batch
         int32_t n_prefill = 0;  // of which prompt tokens (they can be shed)
+        int32_t n_gen     = 0;  // generating slots in the batch
+        int32_t n_drafted = 0;  // draft tokens in the batch
+        int32_t n_ubatches = 0; // what llama.cpp cuts it into (with speculation on)
     };
     decode_result decode_step(int32_t n_prefill_max, bool with_drafts);
 
@@ -158,6 +162,7 @@ private:
     std::unique_ptr<speculator> spec_;  // null when speculation is off
     int32_t n_draft_step_max_ = 0;      // draft tokens one step may verify, all slots together
     bool trace_spec_ = false;           // LLAMABOX_SPEC_TRACE=1: each step's draft sizes on stderr
+    int32_t n_committed_step_ = 0;      // tokens the step being verified committed
     model_info           info_;
     std::unique_ptr<worker_pool> workers_;  // destroyed first: its jobs use the model
 

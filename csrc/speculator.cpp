@@ -93,34 +93,51 @@ int32_t speculative_first_type(uint32_t mask) {
 
 // ---- draft_policy ----
 
-draft_policy::draft_policy() { std::fill(std::begin(first_), std::end(first_), true); }
+draft_policy::draft_policy() = default;
 
 void draft_policy::observe_decode(int32_t n_tokens, double ms) {
     if (n_tokens <= 0 || n_tokens >= N_BUCKETS || !(ms > 0)) return;
-    // The first decode of a size pays one-time costs (llama.cpp grows its buffers, plans a new
-    // graph): it is left out. Then a running mean that follows the machine (other load, a
-    // longer context) within ~10 steps.
-    if (first_[n_tokens]) {
-        first_[n_tokens] = false;
+    bucket & c = cost_[n_tokens];
+    // The first step of a size may pay one-time costs (llama.cpp plans a new graph): it counts
+    // only until the second. Then the median of the last N_RECENT: it follows the machine
+    // (other load, a longer context) within a few steps, and one step that was preempted does
+    // not move it.
+    if (c.first) {  // kept until the next one of its size replaces it
+        c.first = false;
+        c.provisional = true;
+        c.recent[0] = c.ms = ms;
+        c.n = 1;
+        refit();
         return;
     }
-    ms_[n_tokens] = seen_[n_tokens] == 0 ? ms : 0.9 * ms_[n_tokens] + 0.1 * ms;
-    seen_[n_tokens] = std::min(seen_[n_tokens] + 1, 10);
+    if (c.provisional) {
+        c.provisional = false;
+        c.n = 0;
+        c.next = 0;
+    }
+    c.recent[c.next] = ms;
+    c.next = (c.next + 1) % N_RECENT;
+    c.n = std::min(c.n + 1, N_RECENT);
+    double v[N_RECENT];
+    std::copy(c.recent, c.recent + c.n, v);
+    std::nth_element(v, v + c.n / 2, v + c.n);
+    c.ms = c.n % 2 == 1 ? v[c.n / 2] : 0.5 * (v[c.n / 2] + *std::max_element(v, v + c.n / 2));
     refit();
 }
 
 void draft_policy::refit() {
-    // Weighted least squares over the sizes seen, each weighted by how often (up to 10).
+    // Weighted least squares over the sizes seen, each weighted by its observations kept.
     double w = 0, sn = 0, sm = 0, snn = 0, snm = 0;
     int32_t n_sizes = 0;
     for (int32_t n = 1; n < N_BUCKETS; ++n) {
-        if (seen_[n] == 0) continue;
-        const double wi = seen_[n];
+        const bucket & c = cost_[n];
+        if (c.n == 0) continue;
+        const double wi = c.n;
         w += wi;
         sn += wi * n;
-        sm += wi * ms_[n];
+        sm += wi * c.ms;
         snn += wi * n * n;
-        snm += wi * n * ms_[n];
+        snm += wi * n * c.ms;
         n_sizes++;
     }
     if (w <= 0) return;
@@ -141,6 +158,36 @@ void draft_policy::observe_draft_step(double ms) {
     draft_ms_ = draft_ms_ > 0 ? 0.8 * draft_ms_ + 0.2 * ms : ms;
 }
 
+void draft_policy::realized::add(double t, double m) {
+    // Running means of a step's tokens and time (their ratio, not a mean of ratios: a step
+    // that accepted a long draft weighs by its length), over ~8 steps.
+    const double w = n < 8 ? 1.0 / (n + 1) : 0.125;
+    tok += w * (t - tok);
+    ms += w * (m - ms);
+    n = std::min(n + 1, 1 << 20);
+}
+
+void draft_policy::observe_step(int32_t n_gen, int32_t n_drafted, int32_t n_committed, double ms) {
+    if (n_gen <= 0 || n_gen > 4096 || !(ms > 0)) return;
+    if ((int32_t) guard_.size() <= n_gen) guard_.resize((size_t) n_gen + 1);
+    guard & g = guard_[(size_t) n_gen];
+    if (n_drafted > 0) {
+        g.spec.add(n_committed, ms);
+        g.since_plain++;
+    } else {
+        g.plain.add(n_committed, ms);
+        g.since_plain = 0;
+    }
+}
+
+double draft_policy::rate_plain(int32_t n_gen) const {
+    return n_gen > 0 && n_gen < (int32_t) guard_.size() ? guard_[(size_t) n_gen].plain.rate() : 0.0;
+}
+
+double draft_policy::rate_spec(int32_t n_gen) const {
+    return n_gen > 0 && n_gen < (int32_t) guard_.size() ? guard_[(size_t) n_gen].spec.rate() : 0.0;
+}
+
 double draft_policy::cost_per_token_ms() const { return b_; }
 
 double draft_policy::cost_fixed_ms() const { return a_; }
@@ -150,39 +197,95 @@ double draft_policy::step_ms(int32_t n) const {
     // the nearest one seen (CPU batches get cheaper per row as they grow, which one line over
     // all sizes would miss).
     n = std::clamp(n, 1, N_BUCKETS - 1);
-    if (seen_[n] > 0) return ms_[n];
+    if (cost_[n].n > 0) return cost_[n].ms;
     int32_t lo = n - 1, hi = n + 1;
-    while (lo >= 1 && seen_[lo] == 0) lo--;
-    while (hi < N_BUCKETS && seen_[hi] == 0) hi++;
-    if (lo >= 1 && hi < N_BUCKETS) return ms_[lo] + (ms_[hi] - ms_[lo]) * (n - lo) / (double) (hi - lo);
-    if (lo >= 1) return ms_[lo] + b_ * (n - lo);
-    if (hi < N_BUCKETS) return std::max(0.0, ms_[hi] - b_ * (hi - n));
+    while (lo >= 1 && cost_[lo].n == 0) lo--;
+    while (hi < N_BUCKETS && cost_[hi].n == 0) hi++;
+    if (lo >= 1 && hi < N_BUCKETS) return cost_[lo].ms + (cost_[hi].ms - cost_[lo].ms) * (n - lo) / (double) (hi - lo);
+    if (lo >= 1) return cost_[lo].ms + b_ * (n - lo);
+    if (hi < N_BUCKETS) return std::max(0.0, cost_[hi].ms - b_ * (hi - n));
     return a_ + b_ * n;
 }
 
-std::vector<int32_t> draft_policy::allocate(const std::vector<slot_in> & slots, int32_t n_gen, int32_t n_other) const {
+void draft_policy::set_layout(bool stream_per_seq, int32_t n_ubatch, int32_t budget) {
+    stream_per_seq_ = stream_per_seq;
+    n_ubatch_ = std::max(1, n_ubatch);
+    budget_ = std::max(0, budget);
+}
+
+std::vector<int32_t> draft_policy::split(const std::vector<int32_t> & seqs, std::vector<int32_t> len,
+                                         int32_t n_other) const {
+    std::vector<int32_t> out;
+    if (!stream_per_seq_) {
+        int32_t total = n_other;
+        for (int32_t l : len) total += l;
+        for (; total > 0; total -= n_ubatch_) out.push_back(std::min(total, n_ubatch_));
+        return out;
+    }
+    const size_t n = seqs.size();
+    while (true) {
+        size_t s0 = 0;
+        while (s0 < n && len[s0] == 0) s0++;
+        if (s0 == n) break;
+        size_t s1 = s0 + 1;
+        while (s1 < n && len[s1] > 0 && seqs[s1] == seqs[s1 - 1] + 1) s1++;
+        int32_t m = len[s0];
+        for (size_t i = s0; i < s1; ++i) m = std::min(m, len[i]);
+        const int32_t run = (int32_t) (s1 - s0);
+        m = std::min(m, std::max(1, n_ubatch_ / run));
+        for (size_t i = s0; i < s1; ++i) len[i] -= m;
+        out.push_back(m * run);
+    }
+    for (; n_other > 0; n_other -= n_ubatch_) out.push_back(std::min(n_other, n_ubatch_));  // a prompt: its own
+    return out;
+}
+
+double draft_policy::batch_ms(const std::vector<int32_t> & seqs, const std::vector<int32_t> & len, int32_t n_other) const {
+    double ms = 0;
+    for (int32_t u : split(seqs, len, n_other)) ms += step_ms(u);
+    return ms;
+}
+
+std::vector<int32_t> draft_policy::allocate(const std::vector<slot_in> & slots, int32_t n_gen, int32_t n_other,
+                                            const std::vector<int32_t> & gen_seqs) {
     std::vector<int32_t> k(slots.size(), 0);
     if (b_ <= 0) {  // nothing measured yet: one token each, to start measuring
         for (size_t i = 0; i < slots.size(); ++i) k[i] = std::min(slots[i].n_avail, 1);
         return k;
     }
+    std::vector<int32_t> seqs = gen_seqs;
+    if (seqs.empty()) {
+        for (int32_t i = 0; i < n_gen; ++i) seqs.push_back(i);
+    }
+    // Where each slot's tokens sit in `seqs`.
+    std::vector<size_t> at(slots.size(), 0);
+    for (size_t i = 0; i < slots.size(); ++i) {
+        const int32_t seq = slots[i].seq >= 0 ? slots[i].seq : (int32_t) i;
+        at[i] = (size_t) (std::lower_bound(seqs.begin(), seqs.end(), seq) - seqs.begin());
+        if (at[i] >= seqs.size() || seqs[at[i]] != seq) return k;  // not generating: no drafts
+    }
     // Candidate draft tokens best first (slot i's next one adds acceptance_i^(k_i + 1)
     // expected tokens); the step's tokens per ms is evaluated after each, on the measured cost
-    // curve, and the best prefix of the order is taken. A draft must beat plain decoding by a
-    // margin: an estimate that only breaks even loses to noise and to what it does not count.
+    // curve and the ubatches the step would be cut into, and the best prefix of the order is
+    // taken. Then the same depth for every slot (the shape a stream per slot decodes in one
+    // ubatch) is tried too. A draft must beat plain decoding by a margin: an estimate that
+    // only breaks even loses to noise and to what it does not count.
     constexpr double MARGIN = 1.05;
-    const int32_t n0 = n_gen + n_other;
-    const double plain = n_gen / step_ms(n0);
+    std::vector<int32_t> len(seqs.size(), 1);
+    const double plain = n_gen / batch_ms(seqs, len, n_other);
     double tokens = n_gen, extra_ms = 0.0, best = plain * MARGIN;
     int32_t depth_open = 0, n_taken = 0, n_best = 0;
     std::vector<size_t> order;
     using cand = std::pair<double, size_t>;
     std::priority_queue<cand> q;
+    int32_t n_avail_max = 0;
     for (size_t i = 0; i < slots.size(); ++i) {
         if (slots[i].n_avail > 0) q.push({slots[i].acceptance, i});
+        n_avail_max = std::max(n_avail_max, slots[i].n_avail);
     }
+    const int32_t n_room = std::min(budget_, N_BUCKETS - 1 - n_gen - n_other);
     std::vector<int32_t> kk(slots.size(), 0);
-    while (!q.empty() && n_taken < N_BUCKETS - 1 - n0) {
+    while (!q.empty() && n_taken < n_room) {
         const auto [gain, i] = q.top();
         q.pop();
         if (slots[i].model && kk[i] + 1 > depth_open) {  // a new depth: one more draft-model step
@@ -190,17 +293,67 @@ std::vector<int32_t> draft_policy::allocate(const std::vector<slot_in> & slots, 
             depth_open = kk[i] + 1;
         }
         kk[i]++;
+        len[at[i]]++;
         n_taken++;
         tokens += gain;
         order.push_back(i);
-        const double rate = tokens / (step_ms(n0 + n_taken) + extra_ms);
+        const double rate = tokens / (batch_ms(seqs, len, n_other) + extra_ms);
         if (rate > best) {
             best = rate;
             n_best = n_taken;
         }
         if (kk[i] < slots[i].n_avail) q.push({gain * slots[i].acceptance, i});
     }
-    for (int32_t m = 0; m < n_best; ++m) k[order[(size_t) m]]++;
+    int32_t depth_best = 0;  // > 0: the same depth for all
+    for (int32_t d = 1; d <= n_avail_max && stream_per_seq_ && slots.size() > 1; ++d) {
+        std::fill(len.begin(), len.end(), 1);
+        double tok = n_gen, ms_draft = 0;
+        int32_t n = 0;
+        bool by_model = false;
+        for (size_t i = 0; i < slots.size(); ++i) {
+            const int32_t ki = std::min(d, slots[i].n_avail);
+            len[at[i]] += ki;
+            n += ki;
+            by_model = by_model || (slots[i].model && ki > 0);
+            double g = 1.0;
+            for (int32_t j = 0; j < ki; ++j) tok += (g *= slots[i].acceptance);
+        }
+        if (n > n_room) break;
+        if (by_model) ms_draft = d * draft_ms_;
+        const double rate = tok / (batch_ms(seqs, len, n_other) + ms_draft);
+        if (rate > best) {
+            best = rate;
+            depth_best = d;
+        }
+    }
+
+    bool probe = false;
+    if (n_best > 0 || depth_best > 0) {
+        probe_gap_ = PROBE_EVERY;
+    } else if (!order.empty() && ++n_declined_ >= probe_gap_) {
+        // A probe: the best candidates, all of them (twice: a size's first step may pay
+        // one-time costs), then half, a quarter, ... in turn, measure the sizes the model
+        // believes too dear. Each probe that does not change its mind waits twice as long for
+        // the next, so that where drafts really do not pay, probes cost next to nothing.
+        n_best = std::max<int32_t>(1, (int32_t) order.size() >> ((n_probes_++ / 2) % 6));
+        n_declined_ = 0;
+        probe_gap_ = std::min(2 * probe_gap_, PROBE_GAP_MAX);
+        probe = true;
+    }
+    if ((n_best > 0 || depth_best > 0) && !probe && n_other == 0 && n_gen < (int32_t) guard_.size()) {
+        guard & g = guard_[(size_t) n_gen];
+        const bool known = g.plain.n >= 4 && g.spec.n >= 4;
+        if (known && g.spec.rate() < g.plain.rate()) {
+            if (++g.held % HOLD_EVERY != 0) n_best = depth_best = 0;  // drafting loses here: held back
+        } else if (g.since_plain >= (g.plain.n < 4 ? 4 : PLAIN_EVERY)) {
+            n_best = depth_best = 0;  // a plain step, to keep the comparison current (often, until it is known)
+        }
+    }
+    if (depth_best > 0) {
+        for (size_t i = 0; i < slots.size(); ++i) k[i] = std::min(depth_best, slots[i].n_avail);
+    } else {
+        for (int32_t m = 0; m < n_best; ++m) k[order[(size_t) m]]++;
+    }
     return k;
 }
 

@@ -31,7 +31,7 @@ struct speculative_params {
     // ngram-map-k4v, ngram-mod, ngram-cache; "draft" = draft-simple). Empty: draft-simple
     // when a draft model is given, else none.
     std::vector<std::string> types;
-    int32_t n_max = 48;     // longest draft per step and slot (all types)
+    int32_t n_max = 64;     // longest draft per step and slot (all types; ngram-mod's own most)
     int32_t n_min = 0;      // shorter drafts are not verified
     float   p_min = 0.75f;  // draft model: stop at a token below this probability
     bool    adaptive = true;  // verify only the draft tokens that pay for themselves
@@ -62,14 +62,25 @@ std::string speculative_type_name(int32_t type);
 std::vector<std::string> speculative_type_names();
 int32_t speculative_first_type(uint32_t mask);  // the type tried first; -1 for none
 
-// How many draft tokens each generating slot verifies in the next step. A CPU decode costs
-// about a + b·n for n tokens (a: reading the weights, b: each token's compute), fitted online
-// from the steps themselves; a draft token j of a slot whose tokens are accepted with
-// probability α each adds α^j expected tokens at cost b (plus a draft model's step). Taken
-// best first, as many as give the step the most tokens per second: at one stream nearly
-// every plausible draft pays, in a compute-bound batch only the likeliest ones do, and a
-// step drafts only if it expects 5 % more tokens per second than plain decoding. The cost curve is the
-// measured one (a running mean per batch size), the line only fills in sizes not seen.
+// How many draft tokens each generating slot verifies in the next step. A CPU step costs
+// about a + b·n for n tokens (a: reading the weights, b: each token's compute and its
+// verification), measured online from the steps themselves; a draft token j of a slot whose
+// tokens are accepted with probability α each adds α^j expected tokens at cost b (plus a draft
+// model's step). Taken best first, as many as give the step the most tokens per second: at one
+// stream nearly every plausible draft pays, in a compute-bound batch only the likeliest ones
+// do, and a step drafts only if it expects 5 % more tokens per second than plain decoding. The
+// cost curve is the measured one (the median of the last few steps of each batch size), the
+// line only fills in sizes not seen.
+//
+// Two checks keep the model honest. When it declines drafts on offer, the 8th such step
+// verifies some anyway (all it was offered, then half, a quarter, ... in turn; each probe
+// that does not change its mind doubles the wait for the next): a CPU's cost
+// per row falls steeply with the batch (ggml switches kernels), which a line through the small
+// sizes seen cannot know, and a cost measured once on a busy machine cannot keep drafts off
+// for good. And per number of generating slots, the tokens per second that
+// steps with drafts really gave are compared with those of plain steps: where drafting loses,
+// it stays off (but for one step in 16, to see whether that changed), and where it wins, one
+// step in 64 is plain, to keep that comparison current.
 class draft_policy {
 public:
     draft_policy();
@@ -77,30 +88,82 @@ public:
         int32_t n_avail    = 0;    // draft tokens on offer (the draft, or the most a draft model may make)
         double  acceptance = 0.5;  // per-token acceptance estimate
         bool    model      = false;  // drafted by the draft model: each new depth costs a step of it
+        int32_t seq        = -1;     // its sequence id (-1: its index)
     };
 
-    void observe_decode(int32_t n_tokens, double ms);  // a target decode without prefill
-    void observe_draft_step(double ms);                // one batched step of the draft model
+    // How llama.cpp cuts a batch into ubatches: with one KV stream (a unified cache, or one
+    // slot) chunks of `n_ubatch`; with a stream per slot, each ubatch takes as many tokens from
+    // every sequence of a run of consecutive ids as the shortest of them has (split_equal), so
+    // that ragged drafts cost extra ubatches, each reading all the weights again. `budget`: the
+    // most draft tokens one step may verify.
+    void set_layout(bool stream_per_seq, int32_t n_ubatch, int32_t budget);
+    // The ubatch sizes of a step whose generating sequences `seqs` (ascending) have `len`
+    // tokens each, plus `n_other` prompt tokens.
+    std::vector<int32_t> split(const std::vector<int32_t> & seqs, std::vector<int32_t> len, int32_t n_other) const;
+
+    // A target step without prefill: its decode and verification of `n_tokens` tokens.
+    void observe_decode(int32_t n_tokens, double ms);
+    void observe_draft_step(double ms);  // one batched step of the draft model
+    // A whole step without prefill (drafting included): `n_gen` generating slots, `n_drafted`
+    // draft tokens verified, `n_committed` tokens committed, in `ms`.
+    void observe_step(int32_t n_gen, int32_t n_drafted, int32_t n_committed, double ms);
 
     // Draft tokens to verify per slot. `n_gen`: generating slots (one token each), `n_other`:
-    // prefill tokens in the same step.
-    std::vector<int32_t> allocate(const std::vector<slot_in> & slots, int32_t n_gen, int32_t n_other) const;
+    // prefill tokens in the same step, `gen_seqs`: the generating slots' sequence ids, ascending
+    // (empty: 0 .. n_gen - 1).
+    std::vector<int32_t> allocate(const std::vector<slot_in> & slots, int32_t n_gen, int32_t n_other,
+                                  const std::vector<int32_t> & gen_seqs = {});
 
-    double step_ms(int32_t n_tokens) const;  // a decode of n tokens, from what was measured
+    double step_ms(int32_t n_tokens) const;  // a step of n tokens, from what was measured
     double cost_fixed_ms() const;     // a
     double cost_per_token_ms() const; // b
     double draft_step_ms() const { return draft_ms_; }
+    // Realized tokens per ms at `n_gen` slots, plain and with drafts (0: not measured).
+    double rate_plain(int32_t n_gen) const;
+    double rate_spec(int32_t n_gen) const;
+
+    static constexpr int32_t PROBE_EVERY = 8;         // declined steps before a probe (at first)
+    static constexpr int32_t PROBE_GAP_MAX = 512;     // ... doubling after each, up to this
+    static constexpr int32_t HOLD_EVERY  = 16;        // held-back steps between drafting ones
+    static constexpr int32_t PLAIN_EVERY = 64;        // drafting steps between plain ones
+    static constexpr int32_t N_RECENT    = 5;         // steps of a size its cost is the median of
 
 private:
-    // The decode time per batch size: a running mean for each size seen (sizes keep what was
-    // learnt of them however long other sizes run), fitted as a + b·n over the sizes seen.
     static constexpr int32_t N_BUCKETS = 257;
-    double  ms_[N_BUCKETS] = {};
-    int32_t seen_[N_BUCKETS] = {};
-    bool    first_[N_BUCKETS] = {};  // set by the constructor: no decode of this size seen yet
+    struct bucket {
+        double  recent[N_RECENT] = {};
+        int32_t n = 0;        // observations kept (up to N_RECENT)
+        int32_t next = 0;     // ring position
+        bool    first = true; // no step of this size seen yet
+        bool    provisional = false;  // only the first seen (it may have paid one-time costs)
+        double  ms = 0;       // the median of `recent`
+    };
+    bucket  cost_[N_BUCKETS];
     double  a_ = 0, b_ = 0;  // the fit, refreshed on each observation
+    bool    stream_per_seq_ = false;
+    int32_t n_ubatch_ = 512;
+    int32_t budget_ = 1 << 20;
+    double  batch_ms(const std::vector<int32_t> & seqs, const std::vector<int32_t> & len, int32_t n_other) const;
     double  draft_ms_ = 0;
     void refit();
+
+    // Realized throughput per number of generating slots: running means of tokens and of
+    // milliseconds per step, plain and with drafts.
+    struct realized {
+        double  tok = 0, ms = 0;
+        int32_t n = 0;
+        void add(double t, double m);
+        double rate() const { return ms > 0 ? tok / ms : 0.0; }
+    };
+    struct guard {
+        realized plain, spec;
+        int32_t  since_plain = 0;  // drafting steps since the last plain one
+        int32_t  held = 0;         // steps drafting was held back while it loses
+    };
+    std::vector<guard> guard_;
+    int32_t n_declined_ = 0;  // steps the model declined drafts on offer, since the last probe
+    int32_t probe_gap_  = PROBE_EVERY;
+    int32_t n_probes_   = 0;  // probes made (their size goes in turn)
 };
 
 // Updates a per-token acceptance estimate after a verification: `n_accepted` of `n_drafted`.
@@ -128,8 +191,6 @@ public:
     // A sequence starts generating with `history` in its KV cache.
     void begin(int32_t seq, uint32_t types, const std::vector<llama_token> & history);
 
-    // The target decoded a step without prefill: `n_tokens` tokens in `ms`.
-    void observe_decode(int32_t n_tokens, double ms) { policy_.observe_decode(n_tokens, ms); }
     // The running per-token acceptance of a type over all requests: a new request's prior.
     double acceptance(int32_t type) const;
 

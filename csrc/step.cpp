@@ -93,11 +93,16 @@ void engine::plan_drafts() {
         in[i].n_avail    = by_model ? jobs[i].n_max : (int32_t) t.spec.draft.size();
         in[i].acceptance = t.spec.acceptance;
         in[i].model      = by_model;
+        in[i].seq        = owners[i]->id;
+    }
+    std::vector<int32_t> gen_seqs;
+    for (const auto & sp : slots_) {
+        if (!sp->is_idle() && sp->t->generating) gen_seqs.push_back(sp->id);
     }
     const int32_t n_prefill_step = std::min({n_prefill, params_.n_ubatch, params_.n_batch});
     std::vector<int32_t> k(jobs.size());
     if (spec_->adaptive()) {
-        k = spec_->policy().allocate(in, n_gen, n_prefill_step);
+        k = spec_->policy().allocate(in, n_gen, n_prefill_step, gen_seqs);
     } else {
         for (size_t i = 0; i < jobs.size(); ++i) k[i] = in[i].n_avail;
     }
@@ -113,9 +118,13 @@ void engine::plan_drafts() {
         total--;
     }
     if (trace_spec_) {
-        std::fprintf(stderr, "spec: a=%.2f b=%.3f d=%.2f gen=%d pre=%d |", spec_->policy().cost_fixed_ms(),
-                     spec_->policy().cost_per_token_ms(), spec_->policy().draft_step_ms(), n_gen, n_prefill_step);
+        const auto & pol = spec_->policy();
+        std::fprintf(stderr, "spec: a=%.2f b=%.3f d=%.2f gen=%d pre=%d plain=%.3f spec=%.3f tok/ms |", pol.cost_fixed_ms(),
+                     pol.cost_per_token_ms(), pol.draft_step_ms(), n_gen, n_prefill_step, pol.rate_plain(n_gen),
+                     pol.rate_spec(n_gen));
         for (size_t i = 0; i < jobs.size(); ++i) std::fprintf(stderr, " %d/%d@%.2f", k[i], in[i].n_avail, in[i].acceptance);
+        std::fprintf(stderr, " | ms:");
+        for (int32_t n : {1, 2, 4, 8, 16, 32, 48, 65}) std::fprintf(stderr, " %d=%.0f", n, pol.step_ms(n));
         std::fprintf(stderr, "\n");
     }
     std::vector<speculator::draft_job> model_jobs;
@@ -139,6 +148,45 @@ void engine::plan_drafts() {
         }
     }
     if (!model_jobs.empty()) spec_->draft(model_jobs, true);
+}
+
+void engine::measure_step_costs() {
+    // The draft policy needs the cost of a step of n tokens for n up to a slot's longest draft
+    // and up to every slot with drafts. On a CPU that curve is far from a line (ggml changes
+    // kernels with the batch: two rows can cost 2.5 one-row steps and 64 rows only 26), and
+    // learning it online would take many steps of guessing wrong: the sizes that matter are
+    // decoded once each at start (a dummy sequence, removed after), within about 3 s. Steps
+    // then keep the curve current.
+    const int32_t n_rows_max = std::min({params_.n_batch, params_.n_parallel + n_draft_step_max_, info_.n_ctx_slot - 1});
+    if (n_rows_max < 2) return;
+    const int32_t np = params_.n_parallel, nd = spec_->n_max();
+    std::vector<int32_t> sizes = {1, 1 + nd, np, np + n_draft_step_max_, 2, 4, 8, 16, 32, np + 4, np + 16};
+    for (auto & n : sizes) n = std::clamp(n, 1, n_rows_max);
+    llama_token tok = llama_vocab_bos(model_->vocab());
+    if (tok == LLAMA_TOKEN_NULL) tok = 0;
+    llama_memory_t mem = llama_get_memory(ctx_.get());
+    const auto run = [&](int32_t n) {
+        batch_.n_tokens = 0;
+        for (int32_t i = 0; i < n; ++i) batch_add(batch_, tok, i, 0, true);
+        const int64_t t0 = now_us();
+        const int32_t ret = llama_decode(ctx_.get(), batch_);
+        const double ms = (now_us() - t0) / 1000.0;
+        if (!llama_memory_seq_rm(mem, 0, -1, -1)) llama_memory_clear(mem, true);
+        return ret == 0 ? ms : -1.0;
+    };
+    const int64_t t_start = now_us();
+    if (run(n_rows_max) < 0) return;  // the first decode pays one-time costs; a failure: learnt online
+    std::vector<int32_t> done;
+    for (int32_t n : sizes) {
+        if (std::find(done.begin(), done.end(), n) != done.end()) continue;
+        if (now_us() - t_start > 3'000'000) break;
+        const double ms = run(n);
+        if (ms < 0) break;
+        spec_->policy().observe_decode(n, ms);
+        done.push_back(n);
+    }
+    std::fprintf(stderr, "llamabox: draft policy: %zu step sizes (1..%d tokens) measured in %.1f s\n", done.size(),
+                 n_rows_max, (now_us() - t_start) / 1e6);
 }
 
 engine::decode_result engine::decode_step(int32_t n_prefill_max, bool with_drafts) {
@@ -171,6 +219,8 @@ engine::decode_result engine::decode_step(int32_t n_prefill_max, bool with_draft
         s.n_step = e.n_tokens;
         const llama_pos pos = s.pos_next();
         if (t.generating) {
+            res.n_gen++;
+            res.n_drafted += (int32_t) t.spec.draft.size();
             s.i_out = batch_.n_tokens;
             batch_add(batch_, t.next_token, pos, s.id, true);
             for (size_t j = 0; j < t.spec.draft.size(); ++j) {
@@ -185,10 +235,17 @@ engine::decode_result engine::decode_step(int32_t n_prefill_max, bool with_draft
     }
     res.n_tokens = batch_.n_tokens;
     if (batch_.n_tokens == 0) return res;
+    if (spec_) {
+        std::vector<int32_t> seqs, lens;
+        for (const auto & e : plan) {
+            if (!slots_[e.id_slot]->t->generating) continue;
+            seqs.push_back(e.id_slot);
+            lens.push_back(e.n_tokens);
+        }
+        res.n_ubatches = (int32_t) spec_->policy().split(seqs, lens, res.n_prefill).size();
+    }
 
-    const int64_t t0 = now_us();
     res.ret = llama_decode(ctx_.get(), batch_);
-    if (res.ret == 0 && res.n_prefill == 0 && spec_) spec_->observe_decode(res.n_tokens, (now_us() - t0) / 1000.0);
     {
         std::lock_guard<std::mutex> lk(mtx_stats_);
         stats_.n_decode_total++;
@@ -207,7 +264,9 @@ engine::decode_result engine::decode_step(int32_t n_prefill_max, bool with_draft
 
 void engine::run_generation() {
     if (std::all_of(slots_.begin(), slots_.end(), [](const auto & s) { return s->is_idle(); })) return;
+    const int64_t t_step = now_us();
     plan_drafts();
+    const int64_t t_decode = now_us();
 
     // A decode that finds no room in the KV cache (a shared one is full) is retried after
     // making room at the least cost: drafts first; idle slots' cached prefixes next, least
@@ -217,6 +276,7 @@ void engine::run_generation() {
     // (they fail), then the youngest generating request (it ends with "length", its text so
     // far intact).
     decode_result res = decode_step(params_.n_batch, true);
+    const bool first_try = res.ok;
     if (!res.ok && res.ret == 1) res = decode_step(params_.n_batch, false);
     while (!res.ok && res.ret == 1 && evict_idle_cache()) res = decode_step(params_.n_batch, false);
 
@@ -262,8 +322,23 @@ void engine::run_generation() {
             if (!s.is_idle() && s.n_step == 0 && !s.t->generating) fail_slot(s, decode_error(1));
         }
     }
+    n_committed_step_ = 0;
+    const int64_t t_verify = now_us();
     for (auto & s : slots_) {
         if (s->n_step > 0 && !s->is_idle()) commit_slot(*s, s->n_step);
+    }
+    if (spec_ && first_try && res.n_prefill == 0) {
+        // What the policy learns from: the cost of decoding and verifying this many tokens,
+        // and what the whole step (drafting included) gave.
+        const int64_t t_end = now_us();
+        if (trace_spec_) {
+            std::fprintf(stderr, "step: %d tokens in %d ubatches, draft %.1f ms, decode %.1f ms, verify %.1f ms, %d committed\n",
+                         res.n_tokens, res.n_ubatches, (t_decode - t_step) / 1000.0, (t_verify - t_decode) / 1000.0,
+                         (t_end - t_verify) / 1000.0, n_committed_step_);
+        }
+        // A step cut into several ubatches is several steps: its time says nothing of one size.
+        if (res.n_ubatches == 1) spec_->policy().observe_decode(res.n_tokens, (t_end - t_decode) / 1000.0);
+        spec_->policy().observe_step(res.n_gen, res.n_drafted, n_committed_step_, (t_end - t_step) / 1000.0);
     }
 }
 
@@ -327,6 +402,7 @@ void engine::verify(slot & s) {
             break;
         }
         shadow_check(t, tok);
+        n_committed_step_++;
         reason = emit_token(s, tok, s.i_out + j);
         if (reason != FINISH_REASON_NONE) break;
         if (j < k && tok == t.spec.draft[(size_t) j]) {  // the draft token is what the model says

@@ -356,6 +356,28 @@ void bind_testing(py::module_ & m) {
           py::arg("slots"), py::arg("n_gen"), py::arg("n_other"), py::arg("decodes"), py::arg("draft_step_ms") = 0.0,
           "Draft tokens per slot ((n_avail, acceptance, by_model) each) after observing `decodes` "
           "((n_tokens, ms) each).");
+    py::class_<draft_policy>(m, "DraftPolicy", "The draft policy alone, fed by hand.")
+        .def(py::init<>())
+        .def("observe_decode", &draft_policy::observe_decode, py::arg("n_tokens"), py::arg("ms"))
+        .def("observe_draft_step", &draft_policy::observe_draft_step, py::arg("ms"))
+        .def("observe_step", &draft_policy::observe_step, py::arg("n_gen"), py::arg("n_drafted"),
+             py::arg("n_committed"), py::arg("ms"))
+        .def("allocate", [](draft_policy & p, const std::vector<std::tuple<int32_t, double, bool>> & slots,
+                            int32_t n_gen, int32_t n_other) {
+            std::vector<draft_policy::slot_in> in;
+            for (const auto & [n, a, model] : slots) in.push_back({n, a, model});
+            return p.allocate(in, n_gen, n_other);
+        }, py::arg("slots"), py::arg("n_gen"), py::arg("n_other") = 0,
+           "Draft tokens per slot ((n_avail, acceptance, by_model) each).")
+        .def("set_layout", &draft_policy::set_layout, py::arg("stream_per_seq"), py::arg("n_ubatch"),
+             py::arg("budget"))
+        .def("split", &draft_policy::split, py::arg("seqs"), py::arg("len"), py::arg("n_other") = 0)
+        .def("step_ms", &draft_policy::step_ms)
+        .def("rate_plain", &draft_policy::rate_plain)
+        .def("rate_spec", &draft_policy::rate_spec)
+        .def_readonly_static("PROBE_EVERY", &draft_policy::PROBE_EVERY)
+        .def_readonly_static("HOLD_EVERY", &draft_policy::HOLD_EVERY)
+        .def_readonly_static("PLAIN_EVERY", &draft_policy::PLAIN_EVERY);
     m.def("update_acceptance", &update_acceptance, py::arg("prior"), py::arg("n_drafted"), py::arg("n_accepted"));
     m.def("log_sink_installed", &log_sink_installed,
           "Whether llama.cpp logs into the process-wide sink (never a dangling one).");

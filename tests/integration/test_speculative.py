@@ -370,6 +370,92 @@ async def test_policy_pays_at_one_stream_and_holds_back_when_compute_bound() -> 
     assert cheap > dear >= 0
 
 
+def _run_policy(steps: int, offer: list[tuple[int, float, bool]], n_gen: int, cost, realized=None):
+    """Drives a DraftPolicy as the engine does: allocate, then feed back what the step cost
+    (`cost(n_tokens)` ms) and, if given, what it really gave (`realized(k_total)`: tokens, ms).
+    Returns the drafted total of each step."""
+    p = _core.testing.DraftPolicy()
+    for _ in range(3):  # plain steps first, as at a server's start
+        p.observe_decode(n_gen, cost(n_gen))
+    totals = []
+    for _ in range(steps):
+        k = sum(p.allocate(offer, n_gen))
+        p.observe_decode(n_gen + k, cost(n_gen + k))
+        tok, ms = realized(k) if realized else (n_gen, cost(n_gen + k))
+        p.observe_step(n_gen, k, tok, ms)
+        totals.append(k)
+    return p, totals
+
+
+async def test_policy_recovers_from_a_cost_measured_on_a_busy_machine() -> None:
+    """Sizes once measured far too slow (a preempted step) are measured again by probes:
+    drafts cannot stay off for good."""
+    true = lambda n: 27.0 + 7.0 * n  # noqa: E731
+    p = _core.testing.DraftPolicy()
+    for _ in range(5):
+        p.observe_decode(1, true(1))
+    for _ in range(3):
+        p.observe_decode(5, 400.0)  # the first of a size is left out, then two bad ones
+    offer = [(48, 0.97, False)]
+    assert p.allocate(offer, 1) == [0]  # the model believes drafts dear
+    totals = []
+    for _ in range(300):
+        [k] = p.allocate(offer, 1)
+        p.observe_decode(1 + k, true(1 + k))
+        p.observe_step(1, k, 1 + k, true(1 + k))  # every draft accepted
+        totals.append(k)
+    assert sum(1 for k in totals[-100:] if k > 0) >= 90
+
+
+async def test_policy_guard_keeps_drafts_off_where_they_really_lose() -> None:
+    """The model believes drafts pay (the cost curve says rows are cheap), but steps with
+    drafts give fewer tokens per second than plain ones: drafting is held back, but for
+    probes."""
+    cheap = lambda n: 100.0 + 0.5 * n  # noqa: E731
+    offer = [(8, 0.9, False)] * 16
+    p, totals = _run_policy(400, offer, 16, cheap, lambda k: (16, 130.0) if k else (16, 100.0))
+    assert p.rate_spec(16) < p.rate_plain(16)
+    drafting = sum(1 for k in totals[-160:] if k > 0)
+    assert drafting <= 160 // _core.testing.DraftPolicy.HOLD_EVERY + 2
+    # where they really win, drafting stays on but for a plain step now and then
+    p, totals = _run_policy(
+        400, offer, 16, cheap, lambda k: (16 + int(k * 0.8), 110.0) if k else (16, 100.0)
+    )
+    assert p.rate_spec(16) > p.rate_plain(16)
+    assert (
+        sum(1 for k in totals[-200:] if k > 0)
+        >= 200 - 200 // _core.testing.DraftPolicy.PLAIN_EVERY - 2
+    )
+
+
+async def test_policy_knows_how_llama_cpp_cuts_a_batch() -> None:
+    """With a KV stream per slot a ubatch takes the same number of tokens from a run of
+    consecutive sequences: ragged drafts (or a gap in the busy slots) cost extra ubatches."""
+    p = _core.testing.DraftPolicy()
+    p.set_layout(True, 512, 64)
+    assert p.split([0, 1, 2, 3], [1, 1, 1, 1]) == [4]
+    assert p.split([0, 1, 2, 3], [5, 5, 5, 5]) == [20]
+    assert p.split([0, 1, 2, 3], [5, 1, 5, 1]) == [4, 4, 4]
+    assert p.split([0, 1, 3, 4], [1, 1, 1, 1]) == [2, 2]
+    assert p.split([0, 1], [1, 1], 100) == [2, 100]
+    p.set_layout(False, 512, 64)
+    assert p.split([0, 1, 3, 4], [5, 1, 5, 1], 100) == [112]
+    # drafts of the same depth for every slot, where ragged ones would split the step
+    cost = lambda n: 100.0 + 1.0 * n  # noqa: E731
+    for stream_per_seq in (True, False):
+        p = _core.testing.DraftPolicy()
+        p.set_layout(stream_per_seq, 512, 64)
+        for n in range(1, 90):
+            p.observe_decode(n, cost(n))
+            p.observe_decode(n, cost(n))
+        offer = [(8, 0.95, False), (8, 0.5, False)] * 8
+        k = p.allocate(offer, 16, 0)
+        if stream_per_seq:
+            assert len(set(k)) == 1 and k[0] > 0
+        else:
+            assert sum(k) > 0 and k[0] > k[1]
+
+
 async def test_acceptance_estimate() -> None:
     a = 0.5
     for _ in range(20):
