@@ -32,6 +32,7 @@ struct task_speculation {
     int32_t  type_last = -1;         // the type that made `draft`
     int32_t  n_tail    = 0;          // the draft model's KV holds this many tokens from next_token on
     int32_t  n_offered = 0;          // the draft's length before the policy cut it
+    int32_t  n_real = 0;             // of the draft, tokens drafted (the rest pads the step's shape)
     // An n-gram draft the policy did not verify, checked against the tokens that follow: the
     // acceptance estimate keeps learning at no cost while drafts do not pay (else it could
     // never rise again).

@@ -272,7 +272,9 @@ std::vector<int32_t> draft_policy::allocate(const std::vector<slot_in> & slots, 
     // only breaks even loses to noise and to what it does not count.
     constexpr double MARGIN = 1.05;
     std::vector<int32_t> len(seqs.size(), 1);
-    const double plain = n_gen / batch_ms(seqs, len, n_other);
+    const double plain_ms = batch_ms(seqs, len, n_other);
+    const double plain = n_gen / plain_ms;
+    std::vector<double> cost_at;  // the step's cost with the first m + 1 candidates of `order`
     double tokens = n_gen, extra_ms = 0.0, best = plain * MARGIN;
     int32_t depth_open = 0, n_taken = 0, n_best = 0;
     std::vector<size_t> order;
@@ -297,45 +299,58 @@ std::vector<int32_t> draft_policy::allocate(const std::vector<slot_in> & slots, 
         n_taken++;
         tokens += gain;
         order.push_back(i);
-        const double rate = tokens / (batch_ms(seqs, len, n_other) + extra_ms);
+        const double ms = batch_ms(seqs, len, n_other) + extra_ms;
+        cost_at.push_back(ms);
+        const double rate = tokens / ms;
         if (rate > best) {
             best = rate;
             n_best = n_taken;
         }
         if (kk[i] < slots[i].n_avail) q.push({gain * slots[i].acceptance, i});
     }
-    int32_t depth_best = 0;  // > 0: the same depth for all
-    for (int32_t d = 1; d <= n_avail_max && stream_per_seq_ && slots.size() > 1; ++d) {
-        std::fill(len.begin(), len.end(), 1);
-        double tok = n_gen, ms_draft = 0;
-        int32_t n = 0;
-        bool by_model = false;
-        for (size_t i = 0; i < slots.size(); ++i) {
-            const int32_t ki = std::min(d, slots[i].n_avail);
-            len[at[i]] += ki;
-            n += ki;
-            by_model = by_model || (slots[i].model && ki > 0);
-            double g = 1.0;
-            for (int32_t j = 0; j < ki; ++j) tok += (g *= slots[i].acceptance);
-        }
-        if (n > n_room) break;
-        if (by_model) ms_draft = d * draft_ms_;
-        const double rate = tok / (batch_ms(seqs, len, n_other) + ms_draft);
-        if (rate > best) {
-            best = rate;
-            depth_best = d;
+    int32_t depth_best = 0;  // > 0: the same depth for all, padded
+    const bool uniform = stream_per_seq_ && seqs.size() > 1;
+    if (uniform) {
+        // Only shapes that add no ubatch: the greedy, ragged ones above are dropped.
+        n_best = 0;
+        best = plain * MARGIN;
+        int32_t room_max = 0;
+        for (const auto & sl : slots) room_max = std::max(room_max, sl.n_room >= 0 ? sl.n_room : sl.n_avail);
+        for (int32_t d = 1; d <= room_max; ++d) {
+            std::fill(len.begin(), len.end(), 1);
+            double tok = n_gen, ms_draft = 0;
+            int32_t n = 0;
+            bool by_model = false;
+            for (size_t i = 0; i < slots.size(); ++i) {
+                const int32_t room = slots[i].n_room >= 0 ? slots[i].n_room : slots[i].n_avail;
+                const int32_t ki = std::min(d, room), real = std::min(ki, slots[i].n_avail);
+                len[at[i]] += ki;
+                n += ki;
+                by_model = by_model || (slots[i].model && real > 0);
+                double g = 1.0;
+                for (int32_t j = 0; j < real; ++j) tok += (g *= slots[i].acceptance);
+            }
+            if (n > n_room) break;
+            if (by_model) ms_draft = d * draft_ms_;
+            const double rate = tok / (batch_ms(seqs, len, n_other) + ms_draft);
+            if (rate > best) {
+                best = rate;
+                depth_best = d;
+            }
         }
     }
 
     bool probe = false;
     if (n_best > 0 || depth_best > 0) {
         probe_gap_ = PROBE_EVERY;
-    } else if (!order.empty() && ++n_declined_ >= probe_gap_) {
-        // A probe: the best candidates, all of them (twice: a size's first step may pay
-        // one-time costs), then half, a quarter, ... in turn, measure the sizes the model
-        // believes too dear. Each probe that does not change its mind waits twice as long for
-        // the next, so that where drafts really do not pay, probes cost next to nothing.
-        n_best = std::max<int32_t>(1, (int32_t) order.size() >> ((n_probes_++ / 2) % 6));
+    } else if (!order.empty() && !uniform && ++n_declined_ >= probe_gap_) {
+        // A probe: as many of the best candidates as the model believes cost at most PROBE_COST
+        // plain steps, to measure sizes it may believe too dear. Each probe that does not
+        // change its mind waits twice as long for the next, so that where drafts really do not
+        // pay, probes cost next to nothing.
+        n_best = 1;
+        while (n_best < (int32_t) cost_at.size() && cost_at[(size_t) n_best] <= PROBE_COST * plain_ms) n_best++;
+        n_probes_++;
         n_declined_ = 0;
         probe_gap_ = std::min(2 * probe_gap_, PROBE_GAP_MAX);
         probe = true;
@@ -350,7 +365,9 @@ std::vector<int32_t> draft_policy::allocate(const std::vector<slot_in> & slots, 
         }
     }
     if (depth_best > 0) {
-        for (size_t i = 0; i < slots.size(); ++i) k[i] = std::min(depth_best, slots[i].n_avail);
+        for (size_t i = 0; i < slots.size(); ++i) {
+            k[i] = std::min(depth_best, slots[i].n_room >= 0 ? slots[i].n_room : slots[i].n_avail);
+        }
     } else {
         for (int32_t m = 0; m < n_best; ++m) k[order[(size_t) m]]++;
     }

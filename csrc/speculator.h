@@ -72,12 +72,10 @@ int32_t speculative_first_type(uint32_t mask);  // the type tried first; -1 for 
 // cost curve is the measured one (the median of the last few steps of each batch size), the
 // line only fills in sizes not seen.
 //
-// Two checks keep the model honest. When it declines drafts on offer, the 8th such step
-// verifies some anyway (all it was offered, then half, a quarter, ... in turn; each probe
-// that does not change its mind doubles the wait for the next): a CPU's cost
-// per row falls steeply with the batch (ggml switches kernels), which a line through the small
-// sizes seen cannot know, and a cost measured once on a busy machine cannot keep drafts off
-// for good. And per number of generating slots, the tokens per second that
+// Two checks keep the model honest. When it declines drafts on offer, the 32nd such step
+// verifies some anyway (as many as cost at most 4 plain steps; each probe that does not change
+// its mind doubles the wait for the next), so that a cost measured on a busy machine cannot
+// keep drafts off for good. And per number of generating slots, the tokens per second that
 // steps with drafts really gave are compared with those of plain steps: where drafting loses,
 // it stays off (but for one step in 16, to see whether that changed), and where it wins, one
 // step in 64 is plain, to keep that comparison current.
@@ -89,6 +87,7 @@ public:
         double  acceptance = 0.5;  // per-token acceptance estimate
         bool    model      = false;  // drafted by the draft model: each new depth costs a step of it
         int32_t seq        = -1;     // its sequence id (-1: its index)
+        int32_t n_room     = -1;     // most tokens it may verify (-1: n_avail); past n_avail, padding
     };
 
     // How llama.cpp cuts a batch into ubatches: with one KV stream (a unified cache, or one
@@ -97,6 +96,7 @@ public:
     // that ragged drafts cost extra ubatches, each reading all the weights again. `budget`: the
     // most draft tokens one step may verify.
     void set_layout(bool stream_per_seq, int32_t n_ubatch, int32_t budget);
+    bool pads() const { return stream_per_seq_; }  // allocate() may give a slot more than its draft
     // The ubatch sizes of a step whose generating sequences `seqs` (ascending) have `len`
     // tokens each, plus `n_other` prompt tokens.
     std::vector<int32_t> split(const std::vector<int32_t> & seqs, std::vector<int32_t> len, int32_t n_other) const;
@@ -110,7 +110,10 @@ public:
 
     // Draft tokens to verify per slot. `n_gen`: generating slots (one token each), `n_other`:
     // prefill tokens in the same step, `gen_seqs`: the generating slots' sequence ids, ascending
-    // (empty: 0 .. n_gen - 1).
+    // (empty: 0 .. n_gen - 1). With a stream per slot and several slots generating, every slot
+    // gets the same depth (split_equal then decodes the step in as few ubatches as plain
+    // decoding): a slot with a shorter draft is padded up to it (up to its n_room), the padding
+    // costing rows but no ubatch, and counting for no expected token.
     std::vector<int32_t> allocate(const std::vector<slot_in> & slots, int32_t n_gen, int32_t n_other,
                                   const std::vector<int32_t> & gen_seqs = {});
 
@@ -122,8 +125,9 @@ public:
     double rate_plain(int32_t n_gen) const;
     double rate_spec(int32_t n_gen) const;
 
-    static constexpr int32_t PROBE_EVERY = 8;         // declined steps before a probe (at first)
-    static constexpr int32_t PROBE_GAP_MAX = 512;     // ... doubling after each, up to this
+    static constexpr int32_t PROBE_EVERY = 32;        // declined steps before a probe (at first)
+    static constexpr int32_t PROBE_GAP_MAX = 1024;    // ... doubling after each, up to this
+    static constexpr double  PROBE_COST  = 4.0;       // a probe costs at most this many plain steps
     static constexpr int32_t HOLD_EVERY  = 16;        // held-back steps between drafting ones
     static constexpr int32_t PLAIN_EVERY = 64;        // drafting steps between plain ones
     static constexpr int32_t N_RECENT    = 5;         // steps of a size its cost is the median of

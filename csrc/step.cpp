@@ -94,6 +94,7 @@ void engine::plan_drafts() {
         in[i].acceptance = t.spec.acceptance;
         in[i].model      = by_model;
         in[i].seq        = owners[i]->id;
+        in[i].n_room     = jobs[i].n_max;
     }
     std::vector<int32_t> gen_seqs;
     for (const auto & sp : slots_) {
@@ -130,24 +131,34 @@ void engine::plan_drafts() {
     std::vector<speculator::draft_job> model_jobs;
     for (size_t i = 0; i < jobs.size(); ++i) {
         task & t = *owners[i]->t;
-        if (k[i] < std::max(1, t.spec.n_min)) k[i] = 0;
+        int32_t real = std::min(k[i], in[i].n_avail);
+        if (real < std::max(1, t.spec.n_min)) real = 0;
+        if (k[i] == 0 || (real == 0 && !spec_->policy().pads())) k[i] = 0;
+        t.spec.n_real = real;
         if (in[i].model) {
-            if (k[i] > 0) {
+            if (real > 0) {
                 model_jobs.push_back(jobs[i]);
-                model_jobs.back().n_max = k[i];
+                model_jobs.back().n_max = real;
             }
         } else {
             t.spec.n_offered = (int32_t) t.spec.draft.size();
-            if (k[i] > 0) {
+            if (real > 0) {
                 t.spec.shadow.clear();  // the verification counts; a shadow would count again
             } else if (t.spec.shadow.empty() && !t.spec.draft.empty()) {
                 t.spec.shadow = t.spec.draft;
                 t.spec.shadow_pos = 0;
             }
-            t.spec.draft.resize((size_t) k[i]);
+            t.spec.draft.resize((size_t) real);
         }
     }
     if (!model_jobs.empty()) spec_->draft(model_jobs, true);
+    // The same depth for every slot: shorter drafts padded (any token: a padding token the
+    // model happens to predict is accepted like a drafted one).
+    for (size_t i = 0; i < jobs.size(); ++i) {
+        task & t = *owners[i]->t;
+        t.spec.n_real = (int32_t) t.spec.draft.size();
+        while ((int32_t) t.spec.draft.size() < k[i]) t.spec.draft.push_back(t.next_token);
+    }
 }
 
 void engine::measure_step_costs() {
@@ -414,16 +425,19 @@ void engine::verify(slot & s) {
         break;
     }
 
-    if (k > 0) {
-        t.n_drafted += k;
-        t.n_accepted += n_accepted;
-        t.spec.acceptance = update_acceptance(t.spec.acceptance, k, n_accepted);
+    const int32_t n_real = std::min(t.spec.n_real, k);  // past it, padding
+    if (n_real > 0) {
+        const int32_t n_acc = std::min(n_accepted, n_real);
+        t.n_drafted += n_real;
+        t.n_accepted += n_acc;
+        t.spec.acceptance = update_acceptance(t.spec.acceptance, n_real, n_acc);
         // A draft cut short and accepted whole says nothing against the rest: the drafting
         // type hears "all accepted" (ngram-mod would otherwise take the cut for misses and
         // reset its table).
-        const int32_t n_told = n_accepted == k && t.spec.n_offered > k ? t.spec.n_offered : n_accepted;
-        spec_->accept(s.id, t.spec.type_last, k, n_accepted, n_told);
+        const int32_t n_told = n_acc == n_real && t.spec.n_offered > n_real ? t.spec.n_offered : n_acc;
+        spec_->accept(s.id, t.spec.type_last, n_real, n_acc, n_told);
     }
+    t.spec.n_real = 0;
     if (t.spec.n_tail > 0) {
         // The draft model's KV keeps what the target accepted of what it decoded itself.
         s.n_draft_synced = (int32_t) pos0 + std::min(n_accepted + 1, t.spec.n_tail);
@@ -444,12 +458,12 @@ void engine::verify(slot & s) {
 void engine::shadow_check(task & t, llama_token tok) {
     auto & sp = t.spec;
     if (sp.shadow.empty()) return;
+    // Token by token, as a verification would count it: a long right draft that was never
+    // verified raises the estimate while it is being matched, not only once it is used up.
     const bool match = tok == sp.shadow[sp.shadow_pos];
+    sp.acceptance = update_acceptance(sp.acceptance, 1, match ? 1 : 0);
     if (match) sp.shadow_pos++;
-    if (!match || sp.shadow_pos == sp.shadow.size()) {
-        sp.acceptance = update_acceptance(sp.acceptance, (int32_t) sp.shadow.size(), (int32_t) sp.shadow_pos);
-        sp.shadow.clear();
-    }
+    if (!match || sp.shadow_pos == sp.shadow.size()) sp.shadow.clear();
 }
 
 finish_reason engine::emit_token(slot & s, llama_token tok, int32_t i_out) {

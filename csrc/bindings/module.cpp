@@ -4,7 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "build-info.h"
 #include "engine.h"
+#include "ggml-backend.h"
 #include "log_sink.h"
 #include "model.h"
 #include "scheduler.h"
@@ -400,6 +402,44 @@ void bind_testing(py::module_ & m) {
 
 }  // namespace
 
+#ifndef LLAMABOX_BACKEND_NAME
+#define LLAMABOX_BACKEND_NAME "cpu"
+#endif
+
+// What this build runs on: the backend it was built for, the ggml backends registered and
+// their devices (with memory), llama.cpp's build and the CPU features it uses.
+py::dict system_info() {
+    py::dict out;
+    out["backend"] = LLAMABOX_BACKEND_NAME;
+    out["llama_cpp_build"] = std::string(llama_build_info());
+    py::list regs;
+    for (size_t i = 0; i < ggml_backend_reg_count(); ++i) regs.append(ggml_backend_reg_name(ggml_backend_reg_get(i)));
+    out["backends"] = regs;
+    py::list devs;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        size_t free = 0, total = 0;
+        ggml_backend_dev_memory(dev, &free, &total);
+        const char * type = "cpu";
+        switch (ggml_backend_dev_type(dev)) {
+            case GGML_BACKEND_DEVICE_TYPE_GPU:   type = "gpu"; break;
+            case GGML_BACKEND_DEVICE_TYPE_IGPU:  type = "igpu"; break;
+            case GGML_BACKEND_DEVICE_TYPE_ACCEL: type = "accel"; break;
+            default: break;
+        }
+        py::dict d;
+        d["name"] = ggml_backend_dev_name(dev);
+        d["description"] = ggml_backend_dev_description(dev);
+        d["type"] = type;
+        d["memory_total"] = total;
+        d["memory_free"] = free;
+        devs.append(d);
+    }
+    out["devices"] = devs;
+    out["system"] = std::string(llama_print_system_info());
+    return out;
+}
+
 PYBIND11_MODULE(_core, m) {
     m.doc() = "llamabox's native engine (llama.cpp inside)";
     m.attr("__version__") = LLAMABOX_VERSION;
@@ -428,6 +468,8 @@ PYBIND11_MODULE(_core, m) {
     bind_engine(m);
     m.def("speculative_type_names", &speculative_type_names,
           "The drafting types --spec-type and a request's speculative.type take.");
+    m.def("system_info", &system_info,
+          "The build's backend, the ggml backends and devices it has, llama.cpp's build and CPU features.");
     m.def("builtin_chat_templates", &builtin_chat_templates,
           "The names of llama.cpp's built-in chat templates (--chat-template NAME).");
     auto testing = m.def_submodule("testing", "pure helpers exposed for unit tests");

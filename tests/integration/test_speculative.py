@@ -388,22 +388,23 @@ def _run_policy(steps: int, offer: list[tuple[int, float, bool]], n_gen: int, co
 
 
 async def test_policy_recovers_from_a_cost_measured_on_a_busy_machine() -> None:
-    """Sizes once measured far too slow (a preempted step) are measured again by probes:
-    drafts cannot stay off for good."""
+    """A size measured far too slow (preempted steps) keeps the model from drafting; probes,
+    each at most a few plain steps' worth, measure it again: drafts cannot stay off for good."""
     true = lambda n: 27.0 + 7.0 * n  # noqa: E731
     p = _core.testing.DraftPolicy()
-    for _ in range(5):
-        p.observe_decode(1, true(1))
+    for n in (1, 3, 4, 8, 16):
+        p.observe_decode(n, true(n))
     for _ in range(3):
-        p.observe_decode(5, 400.0)  # the first of a size is left out, then two bad ones
-    offer = [(48, 0.97, False)]
-    assert p.allocate(offer, 1) == [0]  # the model believes drafts dear
+        p.observe_decode(2, 200.0)  # three slow steps: the median says 200 ms (41 in truth)
+    offer = [(1, 0.97, False)]
+    assert p.allocate(offer, 1) == [0]  # the model believes a draft token dear
     totals = []
-    for _ in range(300):
+    for _ in range(600):
         [k] = p.allocate(offer, 1)
         p.observe_decode(1 + k, true(1 + k))
         p.observe_step(1, k, 1 + k, true(1 + k))  # every draft accepted
         totals.append(k)
+    assert 0 < sum(totals[:32]) <= 1  # the first probe, after 32 declined steps
     assert sum(1 for k in totals[-100:] if k > 0) >= 90
 
 
