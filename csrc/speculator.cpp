@@ -167,8 +167,10 @@ void draft_policy::realized::add(double t, double m) {
     n = std::min(n + 1, 1 << 20);
 }
 
-void draft_policy::observe_step(int32_t n_gen, int32_t n_drafted, int32_t n_committed, double ms) {
+void draft_policy::observe_step(int32_t n_gen, int32_t n_drafted, int32_t n_committed, double ms,
+                                double ms_drafting) {
     if (n_gen <= 0 || n_gen > 4096 || !(ms > 0)) return;
+    if (ms_drafting >= 0) overhead_ms_ = 0.9 * overhead_ms_ + 0.1 * ms_drafting;
     if ((int32_t) guard_.size() <= n_gen) guard_.resize((size_t) n_gen + 1);
     guard & g = guard_[(size_t) n_gen];
     if (n_drafted > 0) {
@@ -357,11 +359,13 @@ std::vector<int32_t> draft_policy::allocate(const std::vector<slot_in> & slots, 
     }
     if ((n_best > 0 || depth_best > 0) && !probe && n_other == 0 && n_gen < (int32_t) guard_.size()) {
         guard & g = guard_[(size_t) n_gen];
-        const bool known = g.plain.n >= 4 && g.spec.n >= 4;
-        if (known && g.spec.rate() < g.plain.rate()) {
+        // Plain decoding's rate: measured where there were plain steps, else the cost curve's
+        // (plus what drafting itself costs a step).
+        const double plain_now = g.plain.n >= 2 ? g.plain.rate() : n_gen / (plain_ms + overhead_ms_);
+        if (g.spec.n >= 4 && g.spec.rate() < plain_now) {
             if (++g.held % HOLD_EVERY != 0) n_best = depth_best = 0;  // drafting loses here: held back
-        } else if (g.since_plain >= (g.plain.n < 4 ? 4 : PLAIN_EVERY)) {
-            n_best = depth_best = 0;  // a plain step, to keep the comparison current (often, until it is known)
+        } else if (g.plain.n >= 2 && g.since_plain >= PLAIN_EVERY) {
+            n_best = depth_best = 0;  // a plain step, to keep the measured comparison current
         }
     }
     if (depth_best > 0) {

@@ -77,8 +77,9 @@ int32_t speculative_first_type(uint32_t mask);  // the type tried first; -1 for 
 // its mind doubles the wait for the next), so that a cost measured on a busy machine cannot
 // keep drafts off for good. And per number of generating slots, the tokens per second that
 // steps with drafts really gave are compared with those of plain steps: where drafting loses,
-// it stays off (but for one step in 16, to see whether that changed), and where it wins, one
-// step in 64 is plain, to keep that comparison current.
+// it stays off (but for one step in 16, to see whether that changed); plain decoding's rate is
+// the plain steps' where there are any (one step in 64 is then plain, to keep it current),
+// else the cost curve's.
 class draft_policy {
 public:
     draft_policy();
@@ -104,9 +105,9 @@ public:
     // A target step without prefill: its decode and verification of `n_tokens` tokens.
     void observe_decode(int32_t n_tokens, double ms);
     void observe_draft_step(double ms);  // one batched step of the draft model
-    // A whole step without prefill (drafting included): `n_gen` generating slots, `n_drafted`
-    // draft tokens verified, `n_committed` tokens committed, in `ms`.
-    void observe_step(int32_t n_gen, int32_t n_drafted, int32_t n_committed, double ms);
+    // A whole step without prefill: `n_gen` generating slots, `n_drafted` draft tokens
+    // verified, `n_committed` tokens committed, in `ms`, of which `ms_drafting` before the decode.
+    void observe_step(int32_t n_gen, int32_t n_drafted, int32_t n_committed, double ms, double ms_drafting = -1);
 
     // Draft tokens to verify per slot. `n_gen`: generating slots (one token each), `n_other`:
     // prefill tokens in the same step, `gen_seqs`: the generating slots' sequence ids, ascending
@@ -149,6 +150,7 @@ private:
     int32_t budget_ = 1 << 20;
     double  batch_ms(const std::vector<int32_t> & seqs, const std::vector<int32_t> & len, int32_t n_other) const;
     double  draft_ms_ = 0;
+    double  overhead_ms_ = 0;  // a step's time before its decode (the n-gram lookups, ...)
     void refit();
 
     // Realized throughput per number of generating slots: running means of tokens and of

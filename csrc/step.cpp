@@ -349,7 +349,8 @@ void engine::run_generation() {
         }
         // A step cut into several ubatches is several steps: its time says nothing of one size.
         if (res.n_ubatches == 1) spec_->policy().observe_decode(res.n_tokens, (t_end - t_decode) / 1000.0);
-        spec_->policy().observe_step(res.n_gen, res.n_drafted, n_committed_step_, (t_end - t_step) / 1000.0);
+        spec_->policy().observe_step(res.n_gen, res.n_drafted, n_committed_step_, (t_end - t_step) / 1000.0,
+                                     (t_decode - t_step) / 1000.0);
     }
 }
 
