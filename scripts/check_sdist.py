@@ -27,6 +27,7 @@ REQUIRED = [
     "python/llamabox/__init__.py",
     "vendor/fetch.py",
     "vendor/build_backend.py",
+    "vendor/backends.py",
     "vendor/llama.cpp.pin",
     "vendor/llama.cpp/CMakeLists.txt",
 ]
