@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from llamabox import benchmark
+from llamabox.benchmark import RequestResult, Target, stream_one
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -57,7 +58,6 @@ from common import (  # noqa: E402
     log,
     median,
     model_path,
-    percentile,
     ratio,
 )
 from servers import (  # noqa: E402
@@ -96,78 +96,13 @@ GEMMA_TEMPLATE = """\
 
 
 # ---------------------------------------------------------------- one request
+# Sending, timing and counting are llamabox.benchmark's (`llamabox bench`): TTFT to the first
+# chunk carrying text, ITL here is its per-request TPOT, (last text chunk - first) / (tokens - 1),
+# and tokens come from the stream's usage (else its text chunks).
 
 
-@dataclass
-class Result:
-    ok: bool
-    ttft: float = float("nan")  # seconds to the first chunk with text
-    itl: float = float("nan")  # seconds per token after the first
-    tokens: int = 0  # completion tokens (usage if sent, else max_tokens)
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    chunks: int = 0
-    error: str = ""
-
-
-def _delta_text(obj: dict[str, Any]) -> str:
-    choices = obj.get("choices") or []
-    if not choices:
-        return ""
-    c = choices[0]
-    if "text" in c:
-        return str(c.get("text") or "")
-    delta = c.get("delta") or {}
-    return str(delta.get("content") or "")
-
-
-async def stream_request(
-    client: httpx.AsyncClient, url: str, endpoint: str, body: dict[str, Any]
-) -> Result:
-    path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
-    t0 = time.perf_counter()
-    t_first = t_last = 0.0
-    chunks = 0
-    usage: dict[str, Any] | None = None
-    try:
-        async with client.stream("POST", url + path, json=body) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                return Result(ok=False, error=f"HTTP {resp.status_code}: {text[:300]}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                obj = json.loads(data)
-                if "error" in obj:
-                    return Result(ok=False, error=f"stream error: {json.dumps(obj)[:300]}")
-                if obj.get("usage"):
-                    usage = obj["usage"]
-                if _delta_text(obj):
-                    now = time.perf_counter()
-                    if chunks == 0:
-                        t_first = now
-                    t_last = now
-                    chunks += 1
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        return Result(ok=False, error=f"{type(e).__name__}: {e}")
-    if chunks == 0:
-        return Result(ok=False, error="no text in the stream")
-    n = int(usage.get("completion_tokens", 0)) if usage else 0
-    if n <= 0:
-        n = int(body["max_tokens"])
-    details = (usage or {}).get("prompt_tokens_details") or {}
-    return Result(
-        ok=True,
-        ttft=t_first - t0,
-        itl=(t_last - t_first) / (n - 1) if n > 1 else float("nan"),
-        tokens=n,
-        prompt_tokens=int((usage or {}).get("prompt_tokens", 0)),
-        cached_tokens=int(details.get("cached_tokens", 0) or 0),
-        chunks=chunks,
-    )
+def target(server: Server, endpoint: str) -> Target:
+    return Target.from_url(server.url, chat=endpoint == "chat")
 
 
 def make_prompt(rng: random.Random, n_words: int, tag: str) -> str:
@@ -202,12 +137,12 @@ def request_body(
 class Level:
     server: str
     concurrency: int
-    results: list[Result] = field(default_factory=list)
+    results: list[RequestResult] = field(default_factory=list)
     wall_s: float = 0.0
     rss_peak: int = 0
 
     @property
-    def ok(self) -> list[Result]:
+    def ok(self) -> list[RequestResult]:
         return [r for r in self.results if r.ok]
 
     @property
@@ -216,19 +151,24 @@ class Level:
 
     def summary(self) -> dict[str, float]:
         ok = self.ok
-        ttft = [r.ttft for r in ok]
-        itl = [r.itl for r in ok if r.itl == r.itl]
-        tokens = sum(r.tokens for r in ok)
+        run = benchmark.LevelRun(
+            concurrency=self.concurrency, results=self.results, wall_s=self.wall_s
+        )
+        s = benchmark.summarize(run)
+
+        def ms(value: float | None) -> float:
+            return float("nan") if value is None else value
+
         return {
-            "tok_s": tokens / self.wall_s if self.wall_s else float("nan"),
-            "ttft_p50_ms": 1000 * percentile(ttft, 50),
-            "ttft_p95_ms": 1000 * percentile(ttft, 95),
-            "itl_p50_ms": 1000 * percentile(itl, 50),
+            "tok_s": s.output_tokens_per_s if self.wall_s else float("nan"),
+            "ttft_p50_ms": ms(s.ttft_ms.p50),
+            "ttft_p95_ms": ms(s.ttft_ms.p95),
+            "itl_p50_ms": ms(s.tpot_ms.p50),
             "rss_peak_mb": self.rss_peak / 1e6,
-            "requests": len(self.results),
-            "errors": len(self.results) - len(ok),
-            "prompt_tokens_mean": (sum(r.prompt_tokens for r in ok) / len(ok)) if ok else 0.0,
-            "completion_tokens": tokens,
+            "requests": s.requests,
+            "errors": s.errors,
+            "prompt_tokens_mean": s.input_tokens / len(ok) if ok else 0.0,
+            "completion_tokens": s.output_tokens,
             "wall_s": self.wall_s,
         }
 
@@ -241,35 +181,33 @@ async def run_level(
     max_tokens: int,
 ) -> Level:
     level = Level(server=server.name, concurrency=concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
-    timeout = httpx.Timeout(600.0, connect=30.0)
-
-    async def client_loop(client: httpx.AsyncClient, my_prompts: list[str]) -> None:
-        for p in my_prompts:
-            body = request_body(endpoint, p, max_tokens)
-            level.results.append(await stream_request(client, server.url, endpoint, body))
-
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        sampler = RssSampler(server.pid) if server.pid is not None else None
+    # concurrency clients take the requests in turn from one queue: round j holds every
+    # client's j-th prompt, so each client sends about its own list, one request after another
+    bodies = [
+        request_body(endpoint, p, max_tokens)
+        for round_ in zip(*prompts, strict=True)
+        for p in round_
+    ]
+    sampler = RssSampler(server.pid) if server.pid is not None else None
+    if sampler is not None:
+        sampler.__enter__()
+    t0 = time.perf_counter()
+    try:
+        run = await benchmark.run_level(target(server, endpoint), concurrency, bodies)
+        level.results = run.results
+    finally:
+        level.wall_s = time.perf_counter() - t0
         if sampler is not None:
-            sampler.__enter__()
-        t0 = time.perf_counter()
-        try:
-            await asyncio.gather(*(client_loop(client, ps) for ps in prompts))
-        finally:
-            level.wall_s = time.perf_counter() - t0
-            if sampler is not None:
-                sampler.__exit__()
-                level.rss_peak = sampler.peak
+            sampler.__exit__()
+            level.rss_peak = sampler.peak
     return level
 
 
 async def warm_up(server: Server, endpoint: str) -> None:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0)) as client:
-        body = request_body(endpoint, "Hello, warm-up.", 8)
-        r = await stream_request(client, server.url, endpoint, body)
-        if not r.ok:
-            raise RuntimeError(f"{server.name}: warm-up request failed: {r.error}")
+    body = request_body(endpoint, "Hello, warm-up.", 8)
+    r = await stream_one(target(server, endpoint), body)
+    if not r.ok:
+        raise RuntimeError(f"{server.name}: warm-up request failed: {r.error}")
     if server.pid is not None:
         server.rss_idle = rss_bytes(tree_pids(server.pid))
 
@@ -286,18 +224,17 @@ async def prefix_scenario(
         + " ".join(rng.choice(WORDS) for _ in range(system_words))
     )
     out: dict[str, Any] = {}
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        for kind, question in (
-            ("cold", "Summarize the document in one sentence."),
-            ("warm", "Which words appear most often in the document?"),
-        ):
-            body = request_body("chat", question, max_tokens, system=system)
-            r = await stream_request(client, server.url, "chat", body)
-            if not r.ok:
-                raise RuntimeError(f"{server.name}: prefix {kind} request failed: {r.error}")
-            out[f"ttft_{kind}_ms"] = 1000 * r.ttft
-            out[f"prompt_tokens_{kind}"] = r.prompt_tokens
-            out[f"cached_tokens_{kind}"] = r.cached_tokens
+    for kind, question in (
+        ("cold", "Summarize the document in one sentence."),
+        ("warm", "Which words appear most often in the document?"),
+    ):
+        body = request_body("chat", question, max_tokens, system=system)
+        r = await stream_one(target(server, "chat"), body)
+        if not r.ok:
+            raise RuntimeError(f"{server.name}: prefix {kind} request failed: {r.error}")
+        out[f"ttft_{kind}_ms"] = 1000 * r.ttft_s
+        out[f"prompt_tokens_{kind}"] = r.prompt_tokens
+        out[f"cached_tokens_{kind}"] = r.cached_tokens
     return out
 
 
