@@ -363,7 +363,7 @@ void bind_testing(py::module_ & m) {
         .def("observe_decode", &draft_policy::observe_decode, py::arg("n_tokens"), py::arg("ms"))
         .def("observe_draft_step", &draft_policy::observe_draft_step, py::arg("ms"))
         .def("observe_step", &draft_policy::observe_step, py::arg("n_gen"), py::arg("n_drafted"),
-             py::arg("n_committed"), py::arg("ms"))
+             py::arg("n_committed"), py::arg("ms"), py::arg("ms_drafting") = -1.0)
         .def("allocate", [](draft_policy & p, const std::vector<std::tuple<int32_t, double, bool>> & slots,
                             int32_t n_gen, int32_t n_other) {
             std::vector<draft_policy::slot_in> in;

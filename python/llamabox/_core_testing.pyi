@@ -5,7 +5,36 @@ pure helpers exposed for unit tests
 from __future__ import annotations
 import collections.abc
 import typing
-__all__: list[str] = ['StopMatcher', 'Utf8Decoder', 'choose_slot', 'draft_allocate', 'log_sink_installed', 'plan_step', 'update_acceptance', 'utf8_complete_prefix', 'utf8_sanitize']
+__all__: list[str] = ['DraftPolicy', 'StopMatcher', 'Utf8Decoder', 'choose_slot', 'draft_allocate', 'log_sink_installed', 'plan_step', 'update_acceptance', 'utf8_complete_prefix', 'utf8_sanitize']
+class DraftPolicy:
+    """
+    The draft policy alone, fed by hand.
+    """
+    HOLD_EVERY: typing.ClassVar[int] = 16
+    PLAIN_EVERY: typing.ClassVar[int] = 64
+    PROBE_EVERY: typing.ClassVar[int] = 32
+    def __init__(self) -> None:
+        ...
+    def allocate(self, slots: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex, bool]], n_gen: typing.SupportsInt | typing.SupportsIndex, n_other: typing.SupportsInt | typing.SupportsIndex = 0) -> list[int]:
+        """
+        Draft tokens per slot ((n_avail, acceptance, by_model) each).
+        """
+    def observe_decode(self, n_tokens: typing.SupportsInt | typing.SupportsIndex, ms: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    def observe_draft_step(self, ms: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    def observe_step(self, n_gen: typing.SupportsInt | typing.SupportsIndex, n_drafted: typing.SupportsInt | typing.SupportsIndex, n_committed: typing.SupportsInt | typing.SupportsIndex, ms: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    def rate_plain(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> float:
+        ...
+    def rate_spec(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> float:
+        ...
+    def set_layout(self, stream_per_seq: bool, n_ubatch: typing.SupportsInt | typing.SupportsIndex, budget: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def split(self, seqs: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], len: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], n_other: typing.SupportsInt | typing.SupportsIndex = 0) -> list[int]:
+        ...
+    def step_ms(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> float:
+        ...
 class Utf8Decoder:
     def __init__(self) -> None:
         ...

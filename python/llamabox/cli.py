@@ -783,6 +783,23 @@ def _version() -> str:
         return "unknown"
 
 
+def version_text() -> str:
+    """``llamabox --version``: the version, the backend this build is for, llama.cpp's build,
+    and the devices it can run on (with their memory)."""
+    from llamabox import _core
+
+    info = _core.system_info()
+    lines = [
+        f"llamabox {_version()} ({info['backend']} build; ggml backends: "
+        f"{', '.join(info['backends']) or 'none'}; llama.cpp {info['llama_cpp_build']})"
+    ]
+    for dev in info["devices"]:
+        memory = f", {dev['memory_total'] / 2**30:.1f} GiB" if dev["memory_total"] else ""
+        lines.append(f"  device {dev['name']}: {dev['description']} ({dev['type']}{memory})")
+    lines.append(f"  {info['system'].strip().rstrip('|').strip()}")
+    return "\n".join(lines)
+
+
 def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
@@ -823,6 +840,8 @@ An LLM inference server for GGUF models: OpenAI's API, LLaMA Box's and Ollama's.
 
 commands:
   serve      run the HTTP server ('llamabox serve --help' lists its flags)
+  chat       chat with a server in the terminal ('llamabox chat --help')
+  bench      benchmark an OpenAI-compatible server ('llamabox bench --help')
   version    print the version
 
 options:
@@ -842,12 +861,23 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             print(f"llamabox version: unexpected arguments: {' '.join(rest)}", file=sys.stderr)
             return 2
-        print(f"llamabox {_version()}")
+        print(version_text())
         return 0
     if command == "serve":
         try:
             return _cmd_serve(rest)
         except SystemExit as e:  # argparse after --help
             return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-    print(f"llamabox: error: unknown command {command!r}: serve or version", file=sys.stderr)
+    if command == "chat":
+        from llamabox.chat import main as chat_main
+
+        return chat_main(rest)
+    if command == "bench":
+        from llamabox.benchmark import main as bench_main
+
+        return bench_main(rest)
+    print(
+        f"llamabox: error: unknown command {command!r}: serve, chat, bench or version",
+        file=sys.stderr,
+    )
     return 2

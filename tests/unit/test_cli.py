@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 from pathlib import Path
@@ -430,7 +431,12 @@ def test_main_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert "serve" in capsys.readouterr().out
     assert main([]) == 2
     assert main(["version"]) == 0
-    assert capsys.readouterr().out.startswith("llamabox ")
+    out = capsys.readouterr().out
+    assert out.startswith("llamabox ")
+    # the backend this build is for, the ggml backends and each device with its memory
+    assert "cpu build; ggml backends: CPU" in out
+    assert re.search(r"^  device CPU: .+ \(cpu, [0-9.]+ GiB\)$", out, re.M)
+    assert main(["--version"]) == 0 and capsys.readouterr().out == out
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 

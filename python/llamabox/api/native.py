@@ -8,9 +8,11 @@ Disabled features answer 501 as llama.cpp does: /slots with ``slots=False``, /in
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import msgspec
 
+from llamabox import _core
 from llamabox.api import sse
 from llamabox.api.errors import APIError
 from llamabox.api.http import Request, Response, Route, StreamResponse, json_response
@@ -55,6 +57,10 @@ _template_request = msgspec.json.Decoder(ApplyTemplateRequest)
 _encoder = msgspec.json.Encoder()
 
 
+def _system_info() -> dict[str, Any]:
+    return dict(_core.system_info())  # microseconds: memory figures stay current
+
+
 async def props(req: Request, state: AppState) -> Response:
     info = state.engine.model_info
     config = state.config
@@ -64,6 +70,7 @@ async def props(req: Request, state: AppState) -> Response:
         "model": state.model_name,
         "params": {f: getattr(config.sampling, f) for f in config.sampling.__struct_fields__},
     }
+    system = _system_info()
     spec = config.engine.speculative
     if spec.enabled:
         settings["speculative"] = {
@@ -83,7 +90,8 @@ async def props(req: Request, state: AppState) -> Response:
             chat_template=info.chat_template,
             bos_token=info.bos_token,
             eos_token=info.eos_token,
-            build_info=f"llamabox {VERSION}",
+            build_info=f"llamabox {VERSION} ({system['backend']}, {system['llama_cpp_build']})",
+            system_info=system,
             modalities={"vision": False, "audio": False},
             embeddings=config.engine.embeddings,
             infill=config.infill and info.has_fim,

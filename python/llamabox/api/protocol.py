@@ -427,6 +427,7 @@ class Props(Struct, kw_only=True):
     bos_token: str
     eos_token: str
     build_info: str
+    system_info: dict[str, Any]  # backend, ggml backends, devices, llama.cpp build, CPU features
     modalities: dict[str, bool]
     embeddings: bool
     infill: bool
