@@ -20,6 +20,7 @@ from tests.unit.fake_engine import (
     tok,
 )
 
+from llamabox.api.state import VERSION
 from llamabox.types import SamplingParams
 
 pytestmark = pytest.mark.unit
@@ -39,9 +40,9 @@ async def test_props() -> None:
     assert settings["params"]["temperature"] == 0.25 and settings["params"]["top_k"] == 9
     assert body["chat_template"] == "{{ fake }}"
     system = body["system_info"]
-    assert system["backend"] == "cpu" and "CPU" in system["backends"]
+    assert system["backend"] in ("cpu", "custom") and "CPU" in system["backends"]
     assert any(d["type"] == "cpu" and d["memory_total"] > 0 for d in system["devices"])
-    assert body["build_info"].startswith("llamabox ") and "cpu" in body["build_info"]
+    assert body["build_info"].startswith(f"llamabox {VERSION} ({system['backend']}, ")
     assert (body["bos_token"], body["eos_token"]) == ("<s>", "</s>")
     assert body["embeddings"] is False and body["infill"] is False
     assert body["modalities"] == {"vision": False, "audio": False}
