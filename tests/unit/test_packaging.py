@@ -27,6 +27,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from tests.unit.vendor_modules import load_vendor
 
 pytestmark = pytest.mark.unit
 
@@ -43,16 +44,7 @@ BUILD_ENV = (
 )  # fmt: skip
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
-backends = _load("_llamabox_vendor_backends_under_test", VENDOR / "backends.py")
+backends = load_vendor("backends.py")
 
 
 @pytest.fixture
@@ -470,7 +462,7 @@ def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_env: Non
 @pytest.fixture(scope="module")
 def build_backend() -> Iterator[ModuleType]:
     pytest.importorskip("scikit_build_core.build")
-    yield _load("_llamabox_build_backend_for_packaging", VENDOR / "build_backend.py")
+    yield load_vendor("build_backend.py", name="_llamabox_build_backend_for_packaging")
 
 
 @pytest.mark.parametrize("kind", ["wheel", "editable"])

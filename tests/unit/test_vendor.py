@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import importlib.util
 import io
 import json
 import os
 import shutil
 import socket
-import sys
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from tests.unit.vendor_modules import load_vendor
 
 pytestmark = pytest.mark.unit
 
@@ -31,16 +29,7 @@ VENDOR = Path(__file__).resolve().parents[2] / "vendor"
 JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
-fetch = _load("_llamabox_vendor_fetch_under_test", VENDOR / "fetch.py")
+fetch = load_vendor("fetch.py")
 
 # The llama.cpp subtree of the synthetic sdist: path -> (contents, mode); a str is a symlink.
 TREE: dict[str, tuple[bytes | str, int]] = {
@@ -494,7 +483,7 @@ def test_the_index_comes_from_the_environment() -> None:
 
 def test_the_build_backend_has_every_hook_of_scikit_build_core() -> None:
     skbuild = pytest.importorskip("scikit_build_core.build")
-    backend = _load("_llamabox_build_backend_under_test", VENDOR / "build_backend.py")
+    backend = load_vendor("build_backend.py", name="_llamabox_build_backend_under_test")
     for hook in skbuild.__all__:
         assert callable(getattr(backend, hook)), hook
     assert backend.build_sdist is not skbuild.build_sdist
