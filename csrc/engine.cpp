@@ -1,4 +1,5 @@
 #include "engine.h"
+#include "rpc.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -39,6 +40,7 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
     if (params_.n_parallel < 1) throw load_error("n_parallel must be at least 1");
     if (params_.n_batch < 1 || params_.n_ubatch < 1) throw load_error("n_batch and n_ubatch must be positive");
 
+    add_rpc_servers(params_.rpc_servers);
     model_params mp;
     mp.path          = params_.model_path;
     mp.n_gpu_layers  = params_.n_gpu_layers;

@@ -59,6 +59,7 @@ struct engine_params {
     int32_t     pooling         = -1;    // llama_pooling_type; -1 = the model's
     std::string chat_template;           // built-in name or Jinja source; empty = the model's or a fallback
     speculative_params speculative;      // drafting: none unless types or a draft model are given
+    std::vector<std::string> rpc_servers;  // host:port of ggml RPC servers whose devices take layers
     bool        verbose         = false;
 };
 

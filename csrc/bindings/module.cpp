@@ -9,6 +9,7 @@
 #include "ggml-backend.h"
 #include "log_sink.h"
 #include "model.h"
+#include "rpc.h"
 #include "scheduler.h"
 #include "text.h"
 
@@ -237,6 +238,7 @@ void bind_types(py::module_ & m) {
         .def_readwrite("pooling", &engine_params::pooling)
         .def_readwrite("chat_template", &engine_params::chat_template)
         .def_readwrite("speculative", &engine_params::speculative)
+        .def_readwrite("rpc_servers", &engine_params::rpc_servers)
         .def_readwrite("verbose", &engine_params::verbose);
 }
 
@@ -468,6 +470,9 @@ PYBIND11_MODULE(_core, m) {
     bind_engine(m);
     m.def("speculative_type_names", &speculative_type_names,
           "The drafting types --spec-type and a request's speculative.type take.");
+    m.def("rpc_server", &run_rpc_server, py::arg("host"), py::arg("port"), py::arg("n_threads"),
+          py::arg("cache_dir") = std::string(), py::call_guard<py::gil_scoped_release>(),
+          "Serves this machine's CPU to ggml RPC clients on host:port; blocks while it serves.");
     m.def("system_info", &system_info,
           "The build's backend, the ggml backends and devices it has, llama.cpp's build and CPU features.");
     m.def("builtin_chat_templates", &builtin_chat_templates,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections.abc
 import typing
 from llamabox import _core_testing as testing
-__all__: list[str] = ['ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'ModelInfo', 'NgramMapParams', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'SpeculativeOverride', 'SpeculativeParams', 'TokenLogprob', 'builtin_chat_templates', 'speculative_type_names', 'system_info', 'testing']
+__all__: list[str] = ['ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'ModelInfo', 'NgramMapParams', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'SpeculativeOverride', 'SpeculativeParams', 'TokenLogprob', 'builtin_chat_templates', 'rpc_server', 'speculative_type_names', 'system_info', 'testing']
 class InvalidRequest(ValueError):
     pass
 class ContextLength(InvalidRequest):
@@ -546,6 +546,12 @@ class EngineParams:
     def pooling(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     @property
+    def rpc_servers(self) -> list[str]:
+        ...
+    @rpc_servers.setter
+    def rpc_servers(self, arg0: collections.abc.Sequence[str]) -> None:
+        ...
+    @property
     def seed(self) -> int:
         ...
     @seed.setter
@@ -602,6 +608,10 @@ class Engine:
 def builtin_chat_templates() -> list[str]:
     """
     The names of llama.cpp's built-in chat templates (--chat-template NAME).
+    """
+def rpc_server(host: str, port: typing.SupportsInt | typing.SupportsIndex, n_threads: typing.SupportsInt | typing.SupportsIndex, cache_dir: str = '') -> None:
+    """
+    Serves this machine's CPU to ggml RPC clients on host:port; blocks while it serves.
     """
 def speculative_type_names() -> list[str]:
     """

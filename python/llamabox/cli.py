@@ -301,6 +301,10 @@ FLAGS: tuple[Flag, ...] = (
          "engine.n_gpu_layers", _gpu_layers, _ENGINE.n_gpu_layers,
          "layers offloaded to the GPU; -1, all or auto = every layer that fits (no effect "
          "without a GPU backend)", "engine", metavar="N"),
+    Flag(("--rpc",), ("LLAMA_ARG_RPC",), "engine.rpc_servers", _csv, [],
+         "comma-separated host:port of ggml RPC servers (`llamabox rpc-server`); their devices "
+         "take layers like GPUs (--n-gpu-layers)", "engine", metavar="SERVERS",
+         default_text="none"),
     Flag(("-fa", "--flash-attn"), ("LLAMA_ARG_FLASH_ATTN",), "engine.flash_attn", _flash_attn,
          _ENGINE.flash_attn, "Flash Attention: on, off or auto; -fa alone = on", "engine",
          action="optional", metavar="on|off|auto"),
@@ -842,6 +846,7 @@ commands:
   serve      run the HTTP server ('llamabox serve --help' lists its flags)
   chat       chat with a server in the terminal ('llamabox chat --help')
   bench      benchmark an OpenAI-compatible server ('llamabox bench --help')
+  rpc-server serve this machine's CPU to other llamabox servers over ggml RPC (--rpc)
   version    print the version
 
 options:
@@ -872,12 +877,16 @@ def main(argv: list[str] | None = None) -> int:
         from llamabox.chat import main as chat_main
 
         return chat_main(rest)
+    if command == "rpc-server":
+        from llamabox.rpc_server import main as rpc_main
+
+        return rpc_main(rest)
     if command == "bench":
         from llamabox.benchmark import main as bench_main
 
         return bench_main(rest)
     print(
-        f"llamabox: error: unknown command {command!r}: serve, chat, bench or version",
+        f"llamabox: error: unknown command {command!r}: serve, chat, bench, rpc-server or version",
         file=sys.stderr,
     )
     return 2

@@ -75,6 +75,7 @@ def _engine_params(config: EngineConfig) -> _core.EngineParams:
     p.n_threads = config.n_threads
     p.n_threads_batch = config.n_threads_batch
     p.n_gpu_layers = config.n_gpu_layers
+    p.rpc_servers = list(config.rpc_servers)
     p.flash_attn = _FLASH_ATTN[config.flash_attn]
     p.cache_type_k = config.cache_type_k
     p.cache_type_v = config.cache_type_v

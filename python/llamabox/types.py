@@ -108,6 +108,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     chat_template: str | None = None  # built-in name (chatml, llama3, ...) or Jinja source
     n_predict: int = _REQUEST.n_predict  # max tokens of requests without one; -1 = context full
     speculative: SpeculativeConfig = msgspec.field(default_factory=SpeculativeConfig)
+    # ggml RPC servers (host:port) whose devices take layers like GPUs (n_gpu_layers)
+    rpc_servers: list[str] = msgspec.field(default_factory=list)
     verbose: bool = _ENGINE.verbose  # llama.cpp's own logs
 
 
