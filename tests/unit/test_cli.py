@@ -107,6 +107,8 @@ ENV_CASES = [
     ("LLAMA_ARG_UBATCH", "128", "engine.n_ubatch", 128),
     ("LLAMA_ARG_N_GPU_LAYERS", "99", "engine.n_gpu_layers", 99),
     ("LLAMA_ARG_N_GPU_LAYERS", "all", "engine.n_gpu_layers", -1),
+    ("LLAMA_ARG_RPC", "10.0.0.2:50052, 10.0.0.3:50052", "engine.rpc_servers",
+     ["10.0.0.2:50052", "10.0.0.3:50052"]),
     ("LLAMA_ARG_CHAT_TEMPLATE", "{{ x }}", "engine.chat_template", "{{ x }}"),
     ("LLAMA_ARG_N_PREDICT", "64", "engine.n_predict", 64),
     ("LLAMA_ARG_METRICS", "1", "metrics", True),
