@@ -114,7 +114,7 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
     if (spec_ && spec_->adaptive()) {
         const bool stream_per_seq = !params_.kv_unified && params_.n_parallel > 1;
         spec_->policy().set_layout(stream_per_seq, (int32_t) llama_n_ubatch(ctx_.get()), n_draft_step_max_);
-        measure_step_costs();
+        calibrate_pending_ = true;
     }
     for (int32_t i = 0; i < params_.n_parallel; ++i) {
         auto s = std::make_unique<slot>();
@@ -177,6 +177,10 @@ void engine::stop() {
 // ---- decode thread ----
 
 void engine::loop() {
+    if (calibrate_pending_) {
+        calibrate_pending_ = false;
+        measure_step_costs();
+    }
     while (true) {
         std::vector<std::unique_ptr<task>> incoming;
         std::vector<uint64_t> cancels;

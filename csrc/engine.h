@@ -164,6 +164,7 @@ private:
     int32_t n_draft_step_max_ = 0;      // draft tokens one step may verify, all slots together
     bool trace_spec_ = false;           // LLAMABOX_SPEC_TRACE=1: each step's draft sizes on stderr
     int32_t n_committed_step_ = 0;      // tokens the step being verified committed
+    bool calibrate_pending_ = false;    // measure_step_costs() first thing on the engine thread
     model_info           info_;
     std::unique_ptr<worker_pool> workers_;  // destroyed first: its jobs use the model
 
