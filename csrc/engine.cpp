@@ -145,6 +145,17 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
 engine::~engine() {
     stop();
     workers_.reset();
+    rpc_watch_.reset();
+    // A lost RPC server leaves the decode thread inside llama_decode for good, and freeing a
+    // buffer on a server that is gone would abort (or wait forever): leave the model and the
+    // contexts to the end of the process then. The pipe and the queues are ours alone.
+    if (!failure().empty() || (!params_.rpc_servers.empty() && !rpc_servers_reachable(params_.rpc_servers, 1000))) {
+        for (auto & s : slots_) (void) s.release();
+        (void) spec_.release();
+        (void) emb_.release();
+        (void) ctx_.release();
+        (void) model_.release();
+    }
     llama_batch_free(batch_);
     slots_.clear();
     spec_.reset();
@@ -161,6 +172,18 @@ engine::~engine() {
 void engine::start() {
     if (started_) return;
     started_ = true;
+    if (!params_.rpc_servers.empty()) {
+        rpc_watch_ = std::make_unique<rpc_loss_watch>([this](const std::string & why) {
+            std::string servers;
+            for (const auto & ep : params_.rpc_servers) servers += (servers.empty() ? "" : ",") + ep;
+            std::lock_guard<std::mutex> lk(mtx_out_);
+            if (lost_.empty()) {
+                lost_ = "the ggml RPC server (--rpc " + servers + ") went away or broke the protocol (" + why +
+                        "); restart this server to generate again";
+            }
+            notify_locked();  // the consumer wakes, sees failure() and fails what is in flight
+        });
+    }
     thread_ = std::thread([this] { loop(); });
 }
 
@@ -171,7 +194,17 @@ void engine::stop() {
         stopping_ = true;
     }
     cv_in_.notify_all();
-    if (thread_.joinable()) thread_.join();
+    if (!thread_.joinable()) return;
+    if (!failure().empty()) {
+        thread_.detach();  // stuck in a call to the lost RPC server: it never returns
+        return;
+    }
+    thread_.join();
+}
+
+std::string engine::failure() const {
+    std::lock_guard<std::mutex> lk(mtx_out_);
+    return lost_;
 }
 
 // ---- decode thread ----

@@ -25,6 +25,7 @@
 #include "llama-cpp.h"
 #include "log_sink.h"
 #include "request.h"
+#include "rpc.h"
 #include "speculator.h"
 #include "worker_pool.h"
 
@@ -101,6 +102,9 @@ public:
     void submit(prepared && p);
     void cancel(uint64_t id_req);      // unknown or finished ids are ignored
     std::vector<event> poll_events();  // never waits
+    // Why the engine can no longer generate (a ggml RPC server went away: rpc.h); empty while
+    // it can. Once set, it stays: submit() refuses with it and the decode thread is stuck for good.
+    std::string failure() const;
     int  notify_fd() const { return pipe_rd_; }  // readable when there are events or job results
 
     // Jobs: the slow parts above, run on the engine's low-priority worker threads. Each returns
@@ -193,13 +197,16 @@ private:
     int32_t                             n_emb_waiting_ = 0;
 
     // out: events, and a pipe that wakes the consumer once per step
-    std::mutex         mtx_out_;
+    mutable std::mutex mtx_out_;
     std::vector<event> events_;
     std::vector<job_result> jobs_done_;
     bool               notified_ = false;
     int                pipe_rd_  = -1;
     int                pipe_wr_  = -1;
 
+    std::string        lost_;  // failure(); set by the RPC loss watch, on ggml's thread
+
+    std::unique_ptr<rpc_loss_watch> rpc_watch_;  // with --rpc, while started
     std::thread thread_;
     bool        started_ = false;
 };

@@ -102,6 +102,9 @@ task_speculation engine::resolve_speculation(const speculative_override & o) con
 void engine::submit(prepared && p) {
     int32_t n_gen = 0, n_emb = 0;
     for (const auto & t : p.tasks) (t->req.kind == REQUEST_KIND_EMBEDDING ? n_emb : n_gen)++;
+    if (const std::string why = failure(); !why.empty()) {
+        throw engine_stopped(why);
+    }
     std::lock_guard<std::mutex> lk(mtx_in_);
     if (stopping_) throw engine_stopped("the engine is stopped");
     if (n_gen > 0 && std::max(0, n_unassigned_ + n_gen - n_idle_) > params_.n_queue_max) {

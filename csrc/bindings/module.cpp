@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include "build-info.h"
 #include "engine.h"
 #include "ggml-backend.h"
@@ -299,6 +301,11 @@ void bind_engine(py::module_ & m) {
             return evs;
         })
         .def("notify_fd", &engine::notify_fd)
+        .def("failure", [](const engine & e) -> std::optional<std::string> {
+            std::string why = e.failure();
+            if (why.empty()) return std::nullopt;
+            return why;
+        }, "Why the engine can no longer generate (a ggml RPC server went away), or None.")
         .def("stats", [](const engine & e) {
             py::gil_scoped_release nogil;
             return e.stats();

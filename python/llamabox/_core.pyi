@@ -568,6 +568,10 @@ class Engine:
         ...
     def detokenize(self, tokens: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> str:
         ...
+    def failure(self) -> str | None:
+        """
+        Why the engine can no longer generate (a ggml RPC server went away), or None.
+        """
     def notify_fd(self) -> int:
         ...
     def poll_events(self) -> list[Event]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -46,6 +47,8 @@ from llamabox.types import (
     TopLogprob,
     Usage,
 )
+
+logger = logging.getLogger("llamabox.engine")
 
 _FINISH: dict[int, FinishReason] = {
     _core.FINISH_STOP: "stop",
@@ -278,12 +281,18 @@ class Engine:
         self._embed_waiters: dict[int, asyncio.Future[_core.Event]] = {}
         self._ids = itertools.count(1)
         self._pieces: dict[int, bytes] = {}
+        self._failure: str | None = None
 
     # ---- lifecycle ----
 
     @property
     def is_loaded(self) -> bool:
         return self._core is not None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer generate (a ggml RPC server went away), else None."""
+        return self._failure
 
     async def start(self) -> None:
         if self._core is not None:
@@ -336,6 +345,8 @@ class Engine:
     def _require(self) -> _core.Engine:
         if self._core is None:
             raise EngineStoppedError("the engine is not running")
+        if self._failure is not None:
+            raise EngineStoppedError(self._failure)
         return self._core
 
     @property
@@ -464,6 +475,22 @@ class Engine:
                 fut.set_exception(error)
             else:
                 fut.set_result(value)
+        if self._failure is None and (failure := self._core.failure()) is not None:
+            self._fail_all(failure)
+
+    def _fail_all(self, failure: str) -> None:
+        """The engine can no longer generate (its decode thread is stuck in a call to a lost RPC
+        server): every request in flight ends with that error, and so does every new one."""
+        self._failure = failure
+        logger.error("%s", failure)
+        error = EngineStoppedError(failure)
+        for stream in list(self._streams.values()):
+            stream._push(error)
+        self._streams.clear()
+        for fut in self._embed_waiters.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._embed_waiters.clear()
 
     def _deliver(self, events: list[_core.Event]) -> None:
         for ev in events:

@@ -75,19 +75,38 @@ def test_an_unreachable_rpc_server_is_a_clear_start_error(tiny_model_path: Path)
     assert out.returncode != 0 and "host:port" in out.stderr + out.stdout
 
 
-def test_an_rpc_server_going_away_stops_the_server_with_a_clear_line(tiny_model_path: Path) -> None:
-    """ggml's RPC client cannot recover from a lost server (it aborts in its own thread): the
-    server says so and exits, for its supervisor (Kubernetes, systemd) to restart it."""
+def test_an_rpc_server_going_away_fails_the_request_and_the_server_stays_up(
+    tiny_model_path: Path,
+) -> None:
+    """ggml's RPC client cannot recover from a lost server: the request in flight gets an error,
+    /health turns 503 and says why (a liveness probe then restarts the pod), later requests get
+    a 503 with the same reason, and the server still answers and stops cleanly."""
     with rpc_server() as (port, proc, _):
         with start_server(tiny_model_path, "-c", "1024", "--rpc", f"127.0.0.1:{port}") as remote:
             _tokens(remote.base_url)
+            assert httpx.get(f"{remote.base_url}/health").status_code == 200
             proc.kill()
             proc.wait(30)
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.post(f"{remote.base_url}/completion", json=PROMPT, timeout=60)
-            remote.proc.wait(60)
-            assert remote.proc.returncode != 0
+            r = httpx.post(f"{remote.base_url}/completion", json=PROMPT, timeout=60)
+            assert r.status_code == 503, r.text
+            assert f"RPC server (--rpc 127.0.0.1:{port}) went away" in r.json()["error"]["message"]
+            health = httpx.get(f"{remote.base_url}/health", timeout=10)
+            assert health.status_code == 503
+            assert "went away" in health.json()["error"]["message"]
+            again = httpx.post(f"{remote.base_url}/v1/completions", json=PROMPT, timeout=10)
+            assert again.status_code == 503 and "went away" in again.text
+            assert httpx.get(f"{remote.base_url}/v1/models", timeout=10).status_code == 200
+            # A streamed request gets a proper error too, never a hang.
+            with httpx.stream(
+                "POST",
+                f"{remote.base_url}/v1/completions",
+                json={**PROMPT, "stream": True},
+                timeout=10,
+            ) as s:
+                assert s.status_code == 503
+            assert remote.proc.poll() is None
             assert "a ggml RPC server (--rpc) went away" in remote.log()
+        assert remote.proc.returncode == 0, remote.log()
 
 
 def test_rpc_server_command_line() -> None:

@@ -193,6 +193,7 @@ class FakeEngine:
         self.token_delay = 0.0
         self.loaded = False
         self.stopped = False
+        self.fail_reason: str | None = None  # what `failure` says (a lost RPC server, say)
         self.calls: list[Call] = []
         self.templated: list[list[dict[str, Any]]] = []
         self.embed_inputs: list[list[Any]] = []
@@ -228,6 +229,10 @@ class FakeEngine:
         return streams
 
     # ---- EngineLike ----
+
+    @property
+    def failure(self) -> str | None:
+        return self.fail_reason
 
     @property
     def is_loaded(self) -> bool:

@@ -170,6 +170,17 @@ async def test_closing_refuses_new_generations() -> None:
     assert not engine.calls
 
 
+async def test_a_failed_engine_turns_health_503_with_its_reason() -> None:
+    app, engine = make_app()
+    async with client(app) as c:
+        assert (await c.get("/health")).status_code == 200
+        engine.fail_reason = "the ggml RPC server (--rpc 10.0.0.2:50052) went away"
+        r = await c.get("/health")
+        assert r.status_code == 503
+        assert r.json()["error"]["message"] == engine.fail_reason
+        assert r.json()["error"]["type"] == "unavailable_error"
+
+
 async def test_lifespan_protocol() -> None:
     engine = FakeEngine(load_delay=0.01)
     app, _ = make_app(engine, loaded=False)

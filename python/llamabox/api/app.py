@@ -49,6 +49,8 @@ async def health(req: Request, state: AppState) -> Response:
         raise APIError(500, f"Model failed to load: {state.load_error}")
     if not state.engine.is_loaded:
         raise APIError(503, "Loading model")
+    if (failure := state.engine.failure) is not None:
+        raise APIError(503, failure)
     return json_response({"status": "ok"})
 
 
