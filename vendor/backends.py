@@ -89,10 +89,15 @@ BACKENDS: dict[str, Backend] = {
         Backend(
             "cpu",
             "CPU",
-            {"GGML_NATIVE": "OFF", "GGML_METAL": "OFF"},
+            {
+                "GGML_NATIVE": "OFF",
+                "GGML_METAL": "OFF",
+                "GGML_BACKEND_DL": "ON",
+                "GGML_CPU_ALL_VARIANTS": "ON",
+            },
             "a C++17 compiler (GCC, Clang, MSVC 2022), CMake >= 3.21",
             ("linux", "macos", "windows"),
-            knobs=("GGML_AVX2", "GGML_CPU_ARM_ARCH"),
+            knobs=("GGML_CPU_ALL_VARIANTS", "GGML_BACKEND_DL", "GGML_AVX2", "GGML_CPU_ARM_ARCH"),
         ),
         Backend(
             "cuda12",

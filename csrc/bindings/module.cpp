@@ -6,6 +6,7 @@
 
 #include <optional>
 
+#include "backends.h"
 #include "build-info.h"
 #include "engine.h"
 #include "ggml-backend.h"
@@ -420,6 +421,9 @@ void bind_testing(py::module_ & m) {
 py::dict system_info() {
     py::dict out;
     out["backend"] = LLAMABOX_BACKEND_NAME;
+    // The portable build's CPU library (None: ggml's CPU code is compiled into _core).
+    const std::string variant = cpu_variant();
+    out["cpu_variant"] = variant.empty() ? py::object(py::none()) : py::object(py::str(variant));
     out["llama_cpp_build"] = std::string(llama_build_info());
     py::list regs;
     for (size_t i = 0; i < ggml_backend_reg_count(); ++i) regs.append(ggml_backend_reg_name(ggml_backend_reg_get(i)));
@@ -452,6 +456,7 @@ py::dict system_info() {
 PYBIND11_MODULE(_core, m) {
     m.doc() = "llamabox's native engine (llama.cpp inside)";
     m.attr("__version__") = LLAMABOX_VERSION;
+    load_backends();  // a build with loadable ggml backends: from this module's directory
 
     // Exception types: error_of() above says what each carries.
     py::object exc_invalid = py::exception<invalid_request>(m, "InvalidRequest", PyExc_ValueError);

@@ -793,8 +793,10 @@ def version_text() -> str:
     from llamabox import _core
 
     info = _core.system_info()
+    variant = info.get("cpu_variant")
+    loaded = f"; CPU variant {variant}, chosen at run time" if variant else ""
     lines = [
-        f"llamabox {_version()} ({info['backend']} build; ggml backends: "
+        f"llamabox {_version()} ({info['backend']} build{loaded}; ggml backends: "
         f"{', '.join(info['backends']) or 'none'}; llama.cpp {info['llama_cpp_build']})"
     ]
     for dev in info["devices"]:
