@@ -58,10 +58,17 @@ _VERSION = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(
 assert _VERSION, "no [project] version"  # (tomllib is 3.11+; this runs on 3.10 too)
 VERSION = _VERSION[1]
 # The image each Dockerfile builds (the tags deploy/README.md builds them with), and its backend.
+# image file: (tag, the config settings its builder's `pip wheel` passes)
 IMAGES = {
-    "Dockerfile": (f"llamabox:{VERSION}", None),
-    "Dockerfile.cuda": (f"llamabox:{VERSION}-cuda", "GGML_CUDA"),
-    "Dockerfile.vulkan": (f"llamabox:{VERSION}-vulkan", "GGML_VULKAN"),
+    "Dockerfile": (f"llamabox:{VERSION}", {"llamabox.backend=cpu"}),
+    "Dockerfile.cuda": (
+        f"llamabox:{VERSION}-cuda",
+        {"cmake.define.GGML_NATIVE=OFF", "cmake.define.GGML_CUDA=ON"},
+    ),
+    "Dockerfile.vulkan": (
+        f"llamabox:{VERSION}-vulkan",
+        {"cmake.define.GGML_NATIVE=OFF", "cmake.define.GGML_VULKAN=ON"},
+    ),
 }
 VARIANT_IMAGES = {
     "cpu": IMAGES["Dockerfile"][0],
@@ -227,11 +234,11 @@ def test_dockerfile_stages(dockerfile: Path) -> None:
     (run,) = [ins for ins in find(runtime, "RUN") if "pip" in ins.args]
     assert "--mount=type=bind,from=builder,source=/wheels,target=/wheels" in run.args
 
-    # the backend: GGML_NATIVE off (no GPU while building, other CPUs running), one backend on
+    # the backend: never native (no GPU while building, other CPUs running): the portable cpu
+    # build, or GGML_NATIVE off with one GPU backend on
     (build,) = [words for words in pip_commands(commands(builder)) if words[0] == "wheel"]
-    defines = {w.removeprefix("-Ccmake.define.") for w in build if w.startswith("-C")}
-    backend = IMAGES[dockerfile.name][1]
-    assert defines == {"GGML_NATIVE=OFF"} | ({f"{backend}=ON"} if backend else set())
+    settings = {w.removeprefix("-C") for w in build if w.startswith("-C")}
+    assert settings == IMAGES[dockerfile.name][1]
 
     labels: dict[str, str] = {}
     for ins in find(runtime, "LABEL"):
@@ -276,7 +283,11 @@ def test_dockerfile_build_steps_are_ci_steps() -> None:
         cmds = [w for w in commands(builder) if w[:1] in (["python"], ["python3"])]
         assert steps(cmds) == [["venv"], ["upgrade pip"], ["build ."]], dockerfile.name
         (build,) = [w for w in pip_commands(cmds) if w[0] == "wheel"]
-        rest = [w for w in build[1:] if not w.startswith("-Ccmake.define.GGML_")]
+        rest = [
+            w
+            for w in build[1:]
+            if not w.startswith(("-Ccmake.define.GGML_", "-Cllamabox.backend="))
+        ]
         assert rest in (["--wheel-dir", "/wheels", "."], ["--wheel-dir", "/wheels", "$@", "."])
         # the venv's python is the one on PATH, like CI's activated .venv
         env = stage_env(builder)
@@ -922,6 +933,14 @@ def check_commands(cmds: list[list[str]], where: str) -> set[str]:
         elif words[:3] == ["python", "-m", "pytest"]:
             assert [w for w in words[3:] if w != "-q"] == ["tests/unit/test_deploy.py"], line
             seen.add("pytest")
+        elif words == ["scripts/check_container_image.sh"]:  # run by hand: root and buildah
+            script = ROOT / words[0]
+            assert os.access(script, os.X_OK), line
+            assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, line
+            assert "-f deploy/docker/Dockerfile " in script.read_text(), line
+            seen.add("check image")
+        elif words[:2] == ["apt-get", "install"]:  # what that script needs
+            assert words[2:] == ["debootstrap", "buildah"], line
         else:
             assert words[0] in ("kubectl", "curl"), f"unknown command: {line}"
     return seen
@@ -932,7 +951,7 @@ def test_deploy_readme_commands() -> None:
     built = {words[words.index("-t") + 1] for words in cmds if words[:2] == ["docker", "build"]}
     assert built == {tag for tag, _ in IMAGES.values()}
     kinds = {"docker build", "docker run", "kubectl apply -k", "kubectl apply -f"}
-    assert check_commands(cmds, "deploy/README.md") == kinds | {"hadolint", "pytest"}
+    assert check_commands(cmds, "deploy/README.md") == kinds | {"hadolint", "pytest", "check image"}
 
 
 def test_main_readme_commands() -> None:
