@@ -779,12 +779,9 @@ def flag_reference_markdown() -> str:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from llamabox._version import installed_version
 
-    try:
-        return version("llamabox")
-    except PackageNotFoundError:
-        return "unknown"
+    return installed_version()
 
 
 def version_text() -> str:

@@ -658,3 +658,30 @@ def test_the_script_runs_pip_wheel_for_one_checked_backend(tmp_path: Path, clean
     assert bad.returncode == 1 and "unknown llamabox backend 'opencl'" in bad.stderr
     usage = subprocess.run([script], env=env, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr and "llamabox-vulkan" in usage.stderr
+
+
+def test_the_version_comes_from_whichever_wheel_installed_the_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backend's wheel (llamabox-vulkan) installs the package under another distribution
+    name: --version and the API's fingerprint must still find its version."""
+    from importlib import metadata
+
+    from llamabox._version import installed_version
+
+    versions = {"llamabox-vulkan": "1.2.3"}
+
+    def version(name: str) -> str:
+        if name not in versions:
+            raise metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(
+        metadata, "packages_distributions", lambda: {"llamabox": ["llamabox-vulkan"]}
+    )
+    monkeypatch.setattr(metadata, "version", version)
+    assert installed_version() == "1.2.3"
+    monkeypatch.setattr(metadata, "packages_distributions", lambda: {})
+    assert installed_version("x") == "x"
+    versions["llamabox"] = "0.9"
+    assert installed_version() == "0.9"

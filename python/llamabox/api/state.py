@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+from llamabox._version import installed_version
 from llamabox.config import ServerConfig
 from llamabox.types import (
     EmbeddingResult,
@@ -21,14 +21,7 @@ from llamabox.types import (
 __all__ = ["AppState", "EngineLike", "RequestStreamLike", "VERSION"]
 
 
-def _version() -> str:
-    try:
-        return metadata.version("llamabox")
-    except metadata.PackageNotFoundError:
-        return "0.0.0+local"
-
-
-VERSION = _version()
+VERSION = installed_version("0.0.0+local")
 
 
 class RequestStreamLike(Protocol):

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Compiles and links the cuda13 wheel for one GPU architecture on a machine without a GPU
+# (docs/backends.md, "What was built where"):
+#
+#   scripts/check_cuda_build.sh [ARCH]        # ARCH: CMAKE_CUDA_ARCHITECTURES, default 89
+#
+# Needs nvcc 13 (CUDACXX, or on PATH) and the network once, for NVIDIA's cuBLAS wheel from PyPI
+# (nvidia-cublas 13.0.x: headers and libcublas.so.13), which a toolkit installed from NVIDIA's
+# pip wheels, like this machine's, lacks. Such a toolkit has no driver stub either
+# (lib/stubs/libcuda.so, which the linker needs for the driver API that ggml's VMM pool uses): a
+# stub with the driver's soname is made here; the driver provides the symbols at run time.
+# Then checks the module: linked to libcudart.so.13, libcublas.so.13 and libcuda.so.1, with
+# ggml's CUDA backend inside and this build's CUDA kernels (cuobjdump lists them per arch).
+# It cannot import here (no libcuda.so.1 without a driver). Takes an hour or more on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+arch=${1:-89}
+python=${PYTHON:-python}
+nvcc=${CUDACXX:-$(command -v nvcc)}
+toolkit=$(cd "$(dirname "$(readlink -f "$nvcc")")/.." && pwd)
+work=${WORK:-build/cuda-deps}
+mkdir -p "$work"
+work=$(cd "$work" && pwd)
+
+if [ ! -f "$work/cublas/include/cublas_v2.h" ]; then
+    "$python" -m pip download -q --no-deps "nvidia-cublas==13.0.*" -d "$work/dl"
+    rm -rf "$work/unpacked" && mkdir -p "$work/unpacked"
+    "$python" -m zipfile -e "$work"/dl/nvidia_cublas-*.whl "$work/unpacked"
+    root=$(dirname "$(find "$work/unpacked" -name cublas_v2.h | head -n 1)")/..
+    rm -rf "$work/cublas" && mkdir -p "$work/cublas"
+    cp -r "$root/include" "$root/lib" "$work/cublas/"
+fi
+cublas=$work/cublas
+if [ ! -f "$work/stubs/libcuda.so" ]; then
+    mkdir -p "$work/stubs"
+    echo 'void llamabox_cuda_driver_stub(void) {}' >"$work/stubs/stub.c"
+    cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$work/stubs/libcuda.so" "$work/stubs/stub.c"
+fi
+echo "toolkit $toolkit ($("$nvcc" --version | tail -n 1)); cuBLAS from $cublas; arch $arch"
+
+dist=${DIST:-dist/cuda}
+rm -f "$dist"/llamabox_cuda13-*.whl
+DIST=$dist PYTHON=$python CUDACXX=$nvcc scripts/build_backend_wheel.sh cuda13 \
+    "-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$arch" \
+    "-Ccmake.define.CMAKE_CUDA_COMPILER=$nvcc" \
+    "-Ccmake.define.CUDA_cublas_LIBRARY=$cublas/lib/libcublas.so.13" \
+    "-Ccmake.define.CUDA_cublasLt_LIBRARY=$cublas/lib/libcublasLt.so.13" \
+    "-Ccmake.define.CUDA_cuda_driver_LIBRARY=$work/stubs/libcuda.so" \
+    "-Ccmake.define.CMAKE_CUDA_FLAGS=-isystem $cublas/include" \
+    "-Ccmake.define.CMAKE_CXX_FLAGS=-isystem $cublas/include"
+
+wheel=$(ls "$dist"/llamabox_cuda13-*.whl)
+check=$(mktemp -d)
+trap 'rm -rf "$check"' EXIT
+"$python" -m zipfile -e "$wheel" "$check"
+core=$(ls "$check"/llamabox/_core*.so)
+needed=$(readelf -d "$core" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')
+echo "$wheel"
+echo "  NEEDED: $needed"
+for lib in libcudart.so.13 libcublas.so.13 libcuda.so.1; do
+    case " $needed " in *" $lib "*) ;; *) echo "not linked to $lib" >&2; exit 1 ;; esac
+done
+nm -D --defined-only "$core" | grep -q ggml_backend_cuda_reg || { echo "no CUDA backend in _core" >&2; exit 1; }
+if command -v cuobjdump >/dev/null || [ -x "$toolkit/bin/cuobjdump" ]; then
+    archs=$("${toolkit}/bin/cuobjdump" --list-elf "$core" 2>/dev/null | grep -o 'sm_[0-9a-z]*' | sort -u | tr '\n' ' ')
+    echo "  CUDA kernels for: ${archs:-none listed}"
+fi
+echo "OK: the cuda13 wheel compiled and linked for sm_$arch"
