@@ -134,7 +134,6 @@ void engine::plan_drafts() {
         int32_t real = std::min(k[i], in[i].n_avail);
         if (real < std::max(1, t.spec.n_min)) real = 0;
         if (k[i] == 0 || (real == 0 && !spec_->policy().pads())) k[i] = 0;
-        t.spec.n_real = real;
         if (in[i].model) {
             if (real > 0) {
                 model_jobs.push_back(jobs[i]);
@@ -156,7 +155,7 @@ void engine::plan_drafts() {
     // model happens to predict is accepted like a drafted one).
     for (size_t i = 0; i < jobs.size(); ++i) {
         task & t = *owners[i]->t;
-        t.spec.n_real = (int32_t) t.spec.draft.size();
+        t.spec.n_real = (int32_t) t.spec.draft.size();  // what the drafter really made; the rest pads
         while ((int32_t) t.spec.draft.size() < k[i]) t.spec.draft.push_back(t.next_token);
     }
 }

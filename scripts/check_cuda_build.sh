@@ -11,7 +11,9 @@
 # stub with the driver's soname is made here; the driver provides the symbols at run time.
 # Then checks the module: linked to libcudart.so.13, libcublas.so.13 and libcuda.so.1, with
 # ggml's CUDA backend inside and this build's CUDA kernels (cuobjdump lists them per arch).
-# It cannot import here (no libcuda.so.1 without a driver). Takes an hour or more on 2 cores.
+# Then installs it into a fresh venv: pip brings NVIDIA's cudart and cuBLAS wheels, and ldd
+# resolves them from there through _core's RPATH. It cannot import here (no libcuda.so.1
+# without a driver). The first build takes about half an hour on 2 cores for one architecture.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 arch=${1:-89}
@@ -65,4 +67,20 @@ if command -v cuobjdump >/dev/null || [ -x "$toolkit/bin/cuobjdump" ]; then
     archs=$("${toolkit}/bin/cuobjdump" --list-elf "$core" 2>/dev/null | grep -o 'sm_[0-9a-z]*' | sort -u | tr '\n' ' ')
     echo "  CUDA kernels for: ${archs:-none listed}"
 fi
-echo "OK: the cuda13 wheel compiled and linked for sm_$arch"
+runpath=$(readelf -d "$core" | sed -n 's/.*R\(UN\)\{0,1\}PATH.*\[\(.*\)\]/\2/p')
+echo "  RUNPATH: $runpath"
+case "$runpath" in *'$ORIGIN/../nvidia/cu13/lib'*) ;; *) echo "no RPATH to NVIDIA's wheels" >&2; exit 1 ;; esac
+
+# pip install brings cudart and cuBLAS as NVIDIA's wheels (Requires-Dist), and _core finds them
+# there through its RPATH: the one library left to the machine is the driver's libcuda.so.1.
+venv=$check/venv
+"$python" -m venv "$venv"
+"$venv/bin/python" -m pip install -q "$wheel"
+"$venv/bin/python" -m pip list 2>/dev/null | grep -i "^nvidia" | sed 's/^/  installed: /'
+installed=$(ls "$venv"/lib/python3*/site-packages/llamabox/_core*.so)
+ldd "$installed" | grep -E "libcudart|libcublas|libcuda\." | sed 's/^\s*/  ldd: /'
+for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13; do
+    ldd "$installed" | grep "$lib => .*site-packages/nvidia/cu13/lib/" >/dev/null \
+        || { echo "$lib is not resolved from NVIDIA's wheel" >&2; exit 1; }
+done
+echo "OK: the cuda13 wheel compiled and linked for sm_$arch; its CUDA libraries come from pip"

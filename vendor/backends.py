@@ -67,6 +67,10 @@ class Backend:
     knobs: tuple[str, ...] = ()
     # The CUDA toolkit major version the wheel is for: checked against nvcc before building.
     cuda_major: int | None = None
+    # Runtime libraries from PyPI: the wheel requires them (Requires-Dist) and _core finds them
+    # through these RPATH entries, relative to its own directory, before the system's.
+    requires: tuple[str, ...] = ()
+    rpath: tuple[str, ...] = ()
 
     @property
     def switch(self) -> str | None:
@@ -107,6 +111,8 @@ BACKENDS: dict[str, Backend] = {
             ("linux", "windows"),
             knobs=("CMAKE_CUDA_ARCHITECTURES", "CMAKE_CUDA_COMPILER"),
             cuda_major=12,
+            requires=("nvidia-cuda-runtime-cu12>=12.8,<13", "nvidia-cublas-cu12>=12.8,<13"),
+            rpath=("$ORIGIN/../nvidia/cuda_runtime/lib", "$ORIGIN/../nvidia/cublas/lib"),
         ),
         Backend(
             "cuda13",
@@ -116,6 +122,8 @@ BACKENDS: dict[str, Backend] = {
             ("linux", "windows"),
             knobs=("CMAKE_CUDA_ARCHITECTURES", "CMAKE_CUDA_COMPILER"),
             cuda_major=13,
+            requires=("nvidia-cuda-runtime>=13.0,<14", "nvidia-cublas>=13.0,<14"),
+            rpath=("$ORIGIN/../nvidia/cu13/lib",),
         ),
         Backend(
             "rocm",
@@ -285,6 +293,11 @@ class Plan:
     def renames(self) -> bool:
         return self.distribution != PROJECT
 
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """The backend's runtime libraries, for the wheel's Requires-Dist."""
+        return self.backend.requires if self.backend else ()
+
 
 def plan(
     config_settings: Mapping[str, str | list[str]] | None,
@@ -308,6 +321,8 @@ def plan(
         )
     recorded = recorded_name(backend, explicit, platform)
     wanted["LLAMABOX_BACKEND"] = recorded
+    if backend and backend.rpath and platform.startswith("linux"):
+        wanted["LLAMABOX_RPATH"] = ";".join(backend.rpath)
     added = {}
     for name, value in wanted.items():
         if name not in explicit:
@@ -399,8 +414,9 @@ def _record_hash(data: bytes) -> str:
     return f"sha256={digest.decode('ascii')}"
 
 
-def rename_metadata(metadata: bytes, name: str) -> bytes:
-    """METADATA with ``Name: name`` and ``Provides-Dist`` for the project it stands in for."""
+def rename_metadata(metadata: bytes, name: str, requires: Sequence[str] = ()) -> bytes:
+    """METADATA with ``Name: name``, ``Provides-Dist`` for the project it stands in for, and
+    ``Requires-Dist`` for each of ``requires`` (the backend's runtime libraries)."""
     text = metadata.decode("utf-8")
     head, sep, body = text.partition("\n\n")
     lines = head.split("\n")
@@ -421,6 +437,10 @@ def rename_metadata(metadata: bytes, name: str) -> bytes:
     )
     if old != name:
         lines.append(f"Provides-Dist: {old} ({version})" if version else f"Provides-Dist: {old}")
+    present = {
+        ln.partition(":")[2].strip() for ln in lines if ln.lower().startswith("requires-dist:")
+    }
+    lines += [f"Requires-Dist: {req}" for req in requires if req not in present]
     return ("\n".join(lines) + (sep or "\n") + body).encode("utf-8")
 
 
@@ -431,8 +451,9 @@ def _split_wheel_name(filename: str) -> tuple[str, str]:
     return dist, rest
 
 
-def rename_wheel(wheel: Path, name: str) -> Path:
-    """Rewrite wheel as distribution ``name``; returns the new file (the old one is removed)."""
+def rename_wheel(wheel: Path, name: str, requires: Sequence[str] = ()) -> Path:
+    """Rewrite wheel as distribution ``name`` (with ``requires`` added to its dependencies);
+    returns the new file (the old one is removed)."""
     old_dist, rest = _split_wheel_name(wheel.name)
     version = rest.split("-")[0]
     new_dist = escape(name)
@@ -456,7 +477,7 @@ def rename_wheel(wheel: Path, name: str) -> Path:
                     continue  # written below; a signature of the old RECORD no longer holds
                 data = src.read(info)
                 if path == f"{new_prefixes[0]}METADATA":
-                    data = rename_metadata(data, name)
+                    data = rename_metadata(data, name, requires)
                 out = zipfile.ZipInfo(path, info.date_time)
                 out.external_attr = info.external_attr
                 out.compress_type = info.compress_type
@@ -483,13 +504,15 @@ def _csv(path: str) -> str:
     return '"' + path.replace('"', '""') + '"' if any(c in path for c in ',"\n') else path
 
 
-def rename_dist_info(metadata_directory: str, dist_info: str, name: str) -> str:
+def rename_dist_info(
+    metadata_directory: str, dist_info: str, name: str, requires: Sequence[str] = ()
+) -> str:
     """Rename a prepared ``<name>-<version>.dist-info``; returns the new directory's name."""
     old = Path(metadata_directory) / dist_info
     version = dist_info.removesuffix(".dist-info").partition("-")[2]
     new = old.with_name(f"{escape(name)}-{version}.dist-info")
     metadata = old / "METADATA"
-    metadata.write_bytes(rename_metadata(metadata.read_bytes(), name))
+    metadata.write_bytes(rename_metadata(metadata.read_bytes(), name, requires))
     if new != old:
         os.rename(old, new)
     return new.name

@@ -83,7 +83,9 @@ def _build(
     )
     if not plan.renames:
         return built
-    renamed: Path = _backends.rename_wheel(Path(wheel_directory) / built, plan.distribution)
+    renamed: Path = _backends.rename_wheel(
+        Path(wheel_directory) / built, plan.distribution, plan.requires
+    )
     return renamed.name
 
 
@@ -107,7 +109,9 @@ def _prepare(hook: str, metadata_directory: str, config_settings: ConfigSettings
     plan = _plan(config_settings)
     dist_info: str = getattr(_skbuild, hook)(metadata_directory, plan.config_settings)
     if plan.renames:
-        dist_info = _backends.rename_dist_info(metadata_directory, dist_info, plan.distribution)
+        dist_info = _backends.rename_dist_info(
+            metadata_directory, dist_info, plan.distribution, plan.requires
+        )
     return dist_info
 
 

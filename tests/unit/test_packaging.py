@@ -191,9 +191,14 @@ def test_a_backend_adds_its_defines_a_build_dir_and_its_name() -> None:
         "cmake.define.GGML_NATIVE": "OFF",
         "cmake.define.GGML_CUDA_NCCL": "OFF",
         "cmake.define.LLAMABOX_BACKEND": "cuda12",
+        "cmake.define.LLAMABOX_RPATH": "$ORIGIN/../nvidia/cuda_runtime/lib;"
+        "$ORIGIN/../nvidia/cublas/lib",
         "build-dir": "build/{wheel_tag}_cuda12",
     }  # and no llamabox.* key: scikit-build-core refuses keys it does not know
     assert p.distribution == "llamabox-cuda12" and p.renames
+    assert p.requires == ("nvidia-cuda-runtime-cu12>=12.8,<13", "nvidia-cublas-cu12>=12.8,<13")
+    windows = backends.plan({"llamabox.backend": "cuda12"}, {}, "win32")
+    assert "cmake.define.LLAMABOX_RPATH" not in windows.config_settings  # no RPATH there
     cpu = backends.plan({"llamabox.backend": "cpu"}, {}, "darwin")
     assert cpu.recorded == "cpu" and not cpu.renames
     assert cpu.config_settings["cmake.define.GGML_METAL"] == "OFF"
@@ -685,3 +690,25 @@ def test_the_version_comes_from_whichever_wheel_installed_the_package(
     assert installed_version("x") == "x"
     versions["llamabox"] = "0.9"
     assert installed_version() == "0.9"
+
+
+def test_a_cuda_wheel_requires_nvidias_runtime_wheels() -> None:
+    """pip install llamabox-cuda13 brings cudart and cuBLAS (NVIDIA's PyPI wheels, which
+    install under site-packages/nvidia/, where _core's RPATH points): only the driver is the
+    machine's."""
+    meta = b"Metadata-Version: 2.1\nName: llamabox\nVersion: 0.1.0\n"
+    meta += b"Requires-Dist: numpy>=1.24\n\nbody\n"
+    cuda13 = backends.get("cuda13")
+    out = backends.rename_metadata(meta, cuda13.distribution, cuda13.requires).decode()
+    head = out.partition("\n\n")[0].splitlines()
+    assert "Requires-Dist: numpy>=1.24" in head
+    assert "Requires-Dist: nvidia-cuda-runtime>=13.0,<14" in head
+    assert "Requires-Dist: nvidia-cublas>=13.0,<14" in head
+    assert out.endswith("\n\nbody\n")
+    again = backends.rename_metadata(out.encode(), cuda13.distribution, cuda13.requires).decode()
+    assert again.count("nvidia-cublas") == 1  # not added twice
+    assert cuda13.rpath == ("$ORIGIN/../nvidia/cu13/lib",)
+    for name, backend in backends.BACKENDS.items():
+        assert bool(backend.requires) == bool(backend.rpath) == (backend.cuda_major is not None), (
+            name
+        )
