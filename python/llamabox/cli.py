@@ -493,6 +493,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--max-body-size",), ("LLAMA_ARG_MAX_BODY_SIZE",), "server.max_body_bytes", _size,
          _SERVER.max_body_bytes, "largest request body, in bytes or with a K, M or G suffix; "
          "a larger one gets 413", "server", metavar="BYTES", default_text="32M"),
+    Flag(("-tps", "--tokens-per-second"), ("LLAMA_ARG_TOKENS_PER_SECOND",),
+         "server.tokens_per_second", _int(lo=-1), _SERVER.tokens_per_second,
+         "deliver each request's output at most N tokens a second; a request's "
+         "X-Request-Tokens-Per-Second header asks for less (a lower rate only); -1: no limit of "
+         "the server's, the header alone; 0: off, the header ignored", "server", metavar="N"),
     Flag(("--queue-size",), ("LLAMA_ARG_QUEUE_SIZE",), "engine.n_queue_max", _int(lo=0),
          _ENGINE.n_queue_max, "requests that may wait for a free slot; more get 503 with "
          "Retry-After", "server", metavar="N"),

@@ -23,6 +23,9 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     verbose: bool = False
     cors_origins: list[str] = []  # empty: no CORS headers
     max_body_bytes: int = 32 * 1024 * 1024
+    # -tps: each request's output delivered at most this many tokens a second (0: no limit;
+    # -1: no server limit, but a request's X-Request-Tokens-Per-Second header is honoured).
+    tokens_per_second: int = 0
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)  # request defaults
 
     @property

@@ -203,6 +203,7 @@ class RequestStream:
         self._waiter: asyncio.Future[None] | None = None
         self._finished = False  # the engine sent the last event
         self._exhausted = False  # the reader took the last output
+        self._merge = True
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -236,6 +237,11 @@ class RequestStream:
     async def aclose(self) -> None:
         self.cancel()
 
+    def keep_outputs(self) -> None:
+        """Queue every output as the engine made it, unmerged (a paced reader, which takes them
+        at its own rate, wants them one engine step at a time)."""
+        self._merge = False
+
     def __del__(self) -> None:
         # A stream dropped unread must not hold its slot until max_tokens.
         if not self._finished:
@@ -244,7 +250,8 @@ class RequestStream:
     def _push(self, item: GenerationOutput | BaseException) -> None:
         last = self._items[-1] if self._items else None
         if (
-            isinstance(item, GenerationOutput)
+            self._merge
+            and isinstance(item, GenerationOutput)
             and isinstance(last, GenerationOutput)
             and last.finish_reason is None
         ):

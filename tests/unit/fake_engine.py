@@ -165,6 +165,9 @@ class FakeStream:
     async def aclose(self) -> None:
         self.cancel()
 
+    def keep_outputs(self) -> None:
+        self.kept_apart = True  # a script's outputs are apart anyway
+
 
 class Call(NamedTuple):
     request: GenerateRequest

@@ -144,6 +144,7 @@ ENV_CASES = [
     ("LLAMA_ARG_CORS_ORIGINS", "*", "cors_origins", ["*"]),
     ("LLAMA_ARG_MAX_BODY_SIZE", "512K", "max_body_bytes", 512 * 1024),
     ("LLAMA_ARG_QUEUE_SIZE", "3", "engine.n_queue_max", 3),
+    ("LLAMA_ARG_TOKENS_PER_SECOND", "40", "tokens_per_second", 40),
     ("LLAMA_ARG_LOG_FORMAT", "JSON", "log_format", "json"),
     ("LLAMA_ARG_VERBOSE", "1", "engine.verbose", True),
     ("LLAMA_API_KEY", "a, b,,c", "api_keys", ["a", "b", "c"]),

@@ -253,7 +253,9 @@ def api_key_ok(headers: dict[str, str], keys: list[bytes]) -> bool:
     return ok
 
 
-CORS_ALLOW_HEADERS = "authorization, content-type, x-api-key, x-request-id"
+CORS_ALLOW_HEADERS = (
+    "authorization, content-type, x-api-key, x-request-id, x-request-tokens-per-second"
+)
 
 
 def cors_headers(origin: str | None, allowed: list[str], preflight: bool) -> Headers:

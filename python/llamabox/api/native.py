@@ -195,7 +195,7 @@ async def _generate(
         max_tokens=max_tokens_from(("n_predict", body.n_predict), ("max_tokens", body.max_tokens)),
         n_probs=body.n_probs,
     )
-    streams = await submit(state, [prompt], template)
+    streams = await submit(state, [prompt], template, headers=req.headers)
     view = _View(state, body.return_tokens, template.sampling.logprobs)
     if body.stream:
         return StreamResponse(sse.stream(_events(view, streams[0]), done=False), sse.CONTENT_TYPE)

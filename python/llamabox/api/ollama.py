@@ -137,10 +137,14 @@ def _finish(line: OllamaDone, result: Collected, started_ns: int) -> OllamaDone:
 
 
 async def _answer(
-    state: AppState, request: GenerateRequest, stream: bool, line: LineMaker
+    state: AppState,
+    request: GenerateRequest,
+    stream: bool,
+    line: LineMaker,
+    headers: dict[str, str],
 ) -> Response | StreamResponse:
     started = time.monotonic_ns()
-    streams = await submit(state, [request.prompt], request)
+    streams = await submit(state, [request.prompt], request, headers=headers)
     if stream:
         return StreamResponse(_ndjson(_lines(streams[0], line, started)), NDJSON)
     [result] = await collect_all(streams)
@@ -202,7 +206,7 @@ async def generate(req: Request, state: AppState) -> Response | StreamResponse:
         messages.append({"role": "user", "content": body.prompt})
         prompt = await render_chat(state, messages)
     request = _request(state, req.request_id, prompt, body.options, body.format)
-    return await _answer(state, request, body.stream, line)
+    return await _answer(state, request, body.stream, line, req.headers)
 
 
 async def chat(req: Request, state: AppState) -> Response | StreamResponse:
@@ -215,7 +219,7 @@ async def chat(req: Request, state: AppState) -> Response | StreamResponse:
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
     prompt = await render_chat(state, messages)
     request = _request(state, req.request_id, prompt, body.options, body.format)
-    return await _answer(state, request, body.stream, line)
+    return await _answer(state, request, body.stream, line, req.headers)
 
 
 async def embed_(req: Request, state: AppState) -> Response:

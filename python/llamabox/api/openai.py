@@ -136,7 +136,7 @@ async def chat_completions(req: Request, state: AppState) -> Response | StreamRe
         logprobs=body.logprobs,
         n_probs=body.top_logprobs,
     )
-    streams = await submit(state, [prompt], template, body.n)
+    streams = await submit(state, [prompt], template, body.n, headers=req.headers)
     stamp = _Stamp(state, "chatcmpl")
     with_logprobs = template.sampling.logprobs
     if body.stream:
@@ -243,7 +243,7 @@ async def completions(req: Request, state: AppState) -> Response | StreamRespons
         logprobs=body.logprobs is not None,
         n_probs=body.logprobs,
     )
-    streams = await submit(state, prompts, template, body.n)
+    streams = await submit(state, prompts, template, body.n, headers=req.headers)
     echoes = [""] * len(streams)
     if body.echo:
         texts = [p if isinstance(p, str) else await state.engine.detokenize(p) for p in prompts]

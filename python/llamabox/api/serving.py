@@ -18,6 +18,7 @@ import msgspec
 import numpy as np
 
 from llamabox.api.errors import APIError
+from llamabox.api.pacing import PacedStream, request_rate
 from llamabox.api.protocol import (
     ChatMessage,
     JSONObjectFormat,
@@ -300,12 +301,19 @@ def check_batch(state: AppState, n_requests: int, param: str) -> None:
 
 
 async def submit(
-    state: AppState, prompts: Sequence[Prompt], template: GenerateRequest, n: int = 1
+    state: AppState,
+    prompts: Sequence[Prompt],
+    template: GenerateRequest,
+    n: int = 1,
+    *,
+    headers: dict[str, str] | None = None,
 ) -> list[RequestStreamLike]:
     """``n`` choices of each prompt (each prompt tokenized once; with a seed, choice j samples
     with seed + j). All or none: a rejection cancels the ones already submitted, then
-    propagates."""
+    propagates. With -tps, each stream is delivered at the request's rate (``headers``:
+    X-Request-Tokens-Per-Second)."""
     check_batch(state, len(prompts) * n, "prompt")
+    rate = request_rate(state, headers or {})
     streams: list[RequestStreamLike] = []
     try:
         for prompt in prompts:
@@ -315,6 +323,8 @@ async def submit(
         for stream in streams:
             stream.cancel()
         raise
+    if rate is not None:
+        return [PacedStream(stream, rate) for stream in streams]
     return streams
 
 

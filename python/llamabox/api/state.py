@@ -33,6 +33,10 @@ class RequestStreamLike(Protocol):
 
     def cancel(self) -> None: ...
 
+    def keep_outputs(self) -> None:
+        """From now on, outputs the reader has not taken are kept apart, not merged."""
+        ...
+
 
 class EngineLike(Protocol):
     """The part of ``llamabox.engine.Engine`` the HTTP layer uses."""
