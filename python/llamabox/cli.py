@@ -73,6 +73,9 @@ class Flag:
     metavar: str | None = None
     env_negated: tuple[str, ...] = ()  # boolean variables meaning the opposite of `env`
     default_text: str | None = None  # shown instead of the default value
+    # A switch's spellings that mean its opposite (llama-server's --slots for --no-slots): the
+    # last of them given on the command line wins.
+    opposite: tuple[str, ...] = ()
 
 
 def _parse_bool(text: str) -> bool:
@@ -315,8 +318,9 @@ FLAGS: tuple[Flag, ...] = (
          _choice(*_KV_CACHE_TYPES), _ENGINE.cache_type_v,
          "KV cache data type for V (same types as --cache-type-k)", "engine", metavar="TYPE"),
     Flag(("--no-mmap",), ("LLAMA_ARG_MMAP",), "engine.use_mmap", None, _ENGINE.use_mmap,
-         "read the model into memory instead of memory-mapping it", "engine",
-         action="store_false", env_negated=("LLAMA_ARG_NO_MMAP",)),
+         "read the model into memory instead of memory-mapping it (--mmap: memory-map it, the "
+         "default)", "engine",
+         action="store_false", env_negated=("LLAMA_ARG_NO_MMAP",), opposite=("--mmap",)),
     Flag(("--mlock",), ("LLAMA_ARG_MLOCK",), "engine.use_mlock", None, _ENGINE.use_mlock,
          "lock the model in RAM so that it is never swapped out", "engine",
          action="store_true"),
@@ -326,12 +330,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--no-swa-full",), ("LLAMA_ARG_SWA_FULL",), "engine.swa_full", None,
          _ENGINE.swa_full, "keep only the sliding window in the KV cache of SWA models (Gemma "
          "3): less memory, but a cached prefix is reused only while its positions are still in the "
-         "window", "engine",
-         action="store_false", env_negated=("LLAMA_ARG_NO_SWA_FULL",)),
+         "window (--swa-full: the full cache, the default)", "engine",
+         action="store_false", env_negated=("LLAMA_ARG_NO_SWA_FULL",), opposite=("--swa-full",)),
     Flag(("-nr", "--no-repack"), ("LLAMA_ARG_REPACK",), "engine.repack", None,
          _ENGINE.repack, "do not repack weights into the CPU backend's faster layouts (slower; "
-         "for comparisons and debugging)", "engine",
-         action="store_false", env_negated=("LLAMA_ARG_NO_REPACK",)),
+         "for comparisons and debugging; --repack: repack, the default)", "engine",
+         action="store_false", env_negated=("LLAMA_ARG_NO_REPACK",), opposite=("--repack",)),
     Flag(("--embeddings", "--embedding"), ("LLAMA_ARG_EMBEDDINGS",), "engine.embeddings", None,
          _ENGINE.embeddings, "enable the embedding endpoints (/v1/embeddings, /api/embed)",
          "engine", action="store_true"),
@@ -427,7 +431,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("-s", "--seed"), ("LLAMA_ARG_SEED",), "engine.seed", _int(hi=2**32 - 1, negative=-1),
          _ENGINE.seed, "RNG seed of requests that give none; -1 = random", "sampling",
          metavar="N"),
-    Flag(("-n", "--predict"), ("LLAMA_ARG_N_PREDICT",), "engine.n_predict",
+    Flag(("-n", "--predict", "--n-predict"), ("LLAMA_ARG_N_PREDICT",), "engine.n_predict",
          _int(lo=-2, negative=-1), _ENGINE.n_predict,
          "most tokens generated for requests that give no max_tokens; -1 or -2 = until the "
          "slot's context is full", "sampling", metavar="N"),
@@ -485,8 +489,8 @@ FLAGS: tuple[Flag, ...] = (
          None, _SERVER.metrics, "enable GET /metrics (Prometheus text)", "server",
          action="store_true"),
     Flag(("--no-slots",), ("LLAMA_ARG_SLOTS", "LLAMA_ARG_ENDPOINT_SLOTS"), "server.slots", None,
-         _SERVER.slots, "disable GET /slots", "server", action="store_false",
-         env_negated=("LLAMA_ARG_NO_SLOTS",)),
+         _SERVER.slots, "disable GET /slots (--slots: enable it, the default)", "server",
+         action="store_false", env_negated=("LLAMA_ARG_NO_SLOTS",), opposite=("--slots",)),
     Flag(("--cors-origins",), ("LLAMA_ARG_CORS_ORIGINS",), "server.cors_origins", _csv,
          _SERVER.cors_origins, "comma-separated origins that CORS allows, or *", "server",
          metavar="ORIGINS", default_text="none: no CORS headers"),
@@ -506,6 +510,18 @@ FLAGS: tuple[Flag, ...] = (
          "server", metavar="{text,json}"),
     Flag(("-v", "--verbose"), ("LLAMA_ARG_VERBOSE",), "verbose", None, False,
          "debug logs, llama.cpp's own included", "server", action="store_true"),
+    # llama-server's spellings, for its users' scripts
+    Flag(("--tags",), ("LLAMA_ARG_TAGS",), "server.tags", _csv, _SERVER.tags,
+         "comma-separated model tags, listed with the model in GET /v1/models (informational, "
+         "as in llama-server)", "server", metavar="TAGS", default_text="none"),
+    Flag(("-cb", "--cont-batching"), ("LLAMA_ARG_CONT_BATCHING",), "cont_batching", None, True,
+         "continuous batching, always on: accepted for llama-server's scripts; "
+         "-nocb/--no-cont-batching is refused", "engine", action="store_true",
+         opposite=("-nocb", "--no-cont-batching"), default_text="always on"),
+    Flag(("--no-context-shift",), ("LLAMA_ARG_CONTEXT_SHIFT",), "context_shift", None, False,
+         "no context shift, the only behaviour: a request that fills its slot's context ends "
+         "with finish_reason length; --context-shift is refused", "engine",
+         action="store_false", opposite=("--context-shift",), default_text="always"),
 )
 # fmt: on
 
@@ -596,6 +612,9 @@ def _serve_parser() -> argparse.ArgumentParser:
             elif flag.action == "optional":
                 kwargs.update(nargs="?", const=flag.parse("on"))
         groups[flag.group].add_argument(*flag.flags, **kwargs)
+        if flag.opposite:
+            opposite = {**kwargs, "const": not kwargs["const"], "help": argparse.SUPPRESS}
+            groups[flag.group].add_argument(*flag.opposite, **opposite)
     return parser
 
 
@@ -727,6 +746,21 @@ def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str]) -> ServerC
             sections[section][field] = setting.value
     sections["engine"]["speculative"] = _speculative(sections, settings)
 
+    def refused(dest: str, spelling: str) -> str:  # the variable, or the flag's spelling given
+        return settings[dest].source if settings[dest].level == 1 else spelling
+
+    if not settings["cont_batching"].value:
+        raise UsageError(
+            f"{refused('cont_batching', '--no-cont-batching')}: continuous batching "
+            "is always on in llamabox (every slot's tokens go into one decode); it cannot be "
+            "turned off"
+        )
+    if settings["context_shift"].value:
+        raise UsageError(
+            f"{refused('context_shift', '--context-shift')}: context shift is not "
+            "implemented in llamabox: a request that fills its slot's context ends with "
+            "finish_reason 'length' (give it a larger --ctx-size, or fewer --parallel slots)"
+        )
     verbose = bool(settings["verbose"].value)
     sections["engine"]["verbose"] = verbose
     sections["server"]["verbose"] = verbose
@@ -777,6 +811,7 @@ def flag_reference_markdown() -> str:
             if flag.action == "optional":
                 arg = f" [{flag.metavar}]"
             spellings = [f"`{name}`" for name in flag.flags[:-1]] + [f"`{flag.flags[-1]}{arg}`"]
+            spellings += [f"`{name}`" for name in flag.opposite]
             envs = [f"`{label}`" for label in _env_labels(flag)]
             cells = [", ".join(spellings), ", ".join(envs), _show_default(flag), flag.help]
             rows.append("| " + " | ".join(_md_cell(cell) for cell in cells) + " |")

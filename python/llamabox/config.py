@@ -26,6 +26,7 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     # -tps: each request's output delivered at most this many tokens a second (0: no limit;
     # -1: no server limit, but a request's X-Request-Tokens-Per-Second header is honoured).
     tokens_per_second: int = 0
+    tags: list[str] = []  # --tags: informational, listed with the model in /v1/models
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)  # request defaults
 
     @property

@@ -58,6 +58,13 @@ async def test_models_list_and_get() -> None:
         assert r.status_code == 404
         assert r.json()["error"]["code"] == "model_not_found"
         assert r.json()["error"]["param"] == "model"
+        assert "tags" not in body["data"][0]  # none given
+
+
+async def test_models_list_the_tags() -> None:
+    app, _ = make_app(alias="m", tags=["code", "small"])
+    async with client(app) as c:
+        assert (await c.get("/v1/models")).json()["data"][0]["tags"] == ["code", "small"]
 
 
 async def test_chat_completion_shape() -> None:

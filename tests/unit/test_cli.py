@@ -145,6 +145,7 @@ ENV_CASES = [
     ("LLAMA_ARG_MAX_BODY_SIZE", "512K", "max_body_bytes", 512 * 1024),
     ("LLAMA_ARG_QUEUE_SIZE", "3", "engine.n_queue_max", 3),
     ("LLAMA_ARG_TOKENS_PER_SECOND", "40", "tokens_per_second", 40),
+    ("LLAMA_ARG_TAGS", "a,b", "tags", ["a", "b"]),
     ("LLAMA_ARG_LOG_FORMAT", "JSON", "log_format", "json"),
     ("LLAMA_ARG_VERBOSE", "1", "engine.verbose", True),
     ("LLAMA_API_KEY", "a, b,,c", "api_keys", ["a", "b", "c"]),
@@ -204,6 +205,8 @@ def test_every_env_var_is_read() -> None:
     untested = {"LLAMA_ARG_CHAT_TEMPLATE_FILE", "LLAMA_ARG_API_KEY_FILE", "LLAMA_ARG_GRAMMAR_FILE",
                 "LLAMA_ARG_JSON_SCHEMA_FILE", "LLAMA_ARG_TYPICAL", "LLAMA_ARG_REPEAT_LAST_N",
                 "LLAMA_ARG_NO_SWA_FULL",
+                # accepted only at their defaults: test_llama_servers_spellings
+                "LLAMA_ARG_CONT_BATCHING", "LLAMA_ARG_CONTEXT_SHIFT",
                 # files: test_speculative_files
                 "LLAMA_ARG_MODEL_DRAFT", "LLAMA_ARG_SPEC_DRAFT_MODEL",
                 "LLAMA_ARG_LOOKUP_CACHE_STATIC", "LLAMA_ARG_LOOKUP_CACHE_DYNAMIC"}  # fmt: skip
@@ -548,3 +551,29 @@ def test_speculative_flags() -> None:
         parse_serve_args([*M, "--spec-type", "ngram-magic"], {})
     with pytest.raises(UsageError):
         parse_serve_args([*M, "--draft-p-min", "1.5"], {})
+
+
+def test_llama_servers_spellings() -> None:
+    """Scripts written for llama-server run: its positive switches, --n-predict, --tags, and
+    the batching and context-shift switches, whose only llamabox meaning is the default."""
+    assert parse_serve_args([*M, "--no-slots", "--slots"], {}).slots
+    assert not parse_serve_args([*M, "--slots", "--no-slots"], {}).slots
+    assert parse_serve_args([*M, "--swa-full"], {}).engine.swa_full
+    assert parse_serve_args([*M, "--mmap"], {}).engine.use_mmap
+    assert parse_serve_args([*M, "--repack"], {}).engine.repack
+    assert parse_serve_args([*M, "--n-predict", "7"], {}).engine.n_predict == 7
+    assert parse_serve_args([*M, "--tags", "code, small,"], {}).tags == ["code", "small"]
+    assert parse_serve_args([*M, "-cb", "--cont-batching", "--no-context-shift"], {})
+    assert parse_serve_args(M, {"LLAMA_ARG_CONT_BATCHING": "1", "LLAMA_ARG_CONTEXT_SHIFT": "0"})
+    for argv, env, word in (
+        (["-nocb"], {}, "--no-cont-batching"),
+        (["--no-cont-batching"], {}, "--no-cont-batching"),
+        ([], {"LLAMA_ARG_CONT_BATCHING": "0"}, "LLAMA_ARG_CONT_BATCHING"),
+        (["--context-shift"], {}, "--context-shift"),
+        ([], {"LLAMA_ARG_CONTEXT_SHIFT": "1"}, "LLAMA_ARG_CONTEXT_SHIFT"),
+    ):
+        with pytest.raises(UsageError) as e:
+            parse_serve_args([*M, *argv], env)
+        assert str(e.value).startswith(f"{word}: ")
+    help_text = flag_reference_markdown()
+    assert "`--slots`" in help_text and "`--context-shift`" in help_text

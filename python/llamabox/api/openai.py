@@ -83,6 +83,8 @@ def _text(piece: bytes) -> str:
 
 def model_card(state: AppState) -> ModelCard:
     card = ModelCard(id=state.model_name, created=state.created)
+    if state.config.tags:
+        card.tags = list(state.config.tags)
     if state.engine.is_loaded:
         info = state.engine.model_info
         card.meta = ModelMeta(

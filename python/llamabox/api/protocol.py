@@ -358,6 +358,7 @@ class ModelCard(Struct, kw_only=True):
     object: str = "model"
     created: int
     owned_by: str = "llamabox"
+    tags: list[str] | UnsetType = UNSET  # --tags (llama-server's informational model tags)
     meta: ModelMeta | UnsetType = UNSET
 
 
