@@ -219,14 +219,32 @@ void engine::loop() {
     while (true) {
         std::vector<std::unique_ptr<task>> incoming;
         std::vector<uint64_t> cancels;
+        std::vector<slot_op> ops;
         {
             std::unique_lock<std::mutex> lk(mtx_in_);
             const bool busy = !pending_.empty() || !pending_emb_.empty() ||
                               std::any_of(slots_.begin(), slots_.end(), [](const auto & s) { return !s->is_idle(); });
-            if (!busy) cv_in_.wait(lk, [&] { return stopping_ || !inbox_.empty() || !cancels_.empty(); });
+            if (!busy) {
+                cv_in_.wait(lk, [&] { return stopping_ || !inbox_.empty() || !cancels_.empty() || !slot_ops_.empty(); });
+            }
             if (stopping_) break;
             incoming.swap(inbox_);
             cancels.swap(cancels_);
+            ops.swap(slot_ops_);
+        }
+        // Slot operations first: a restore is in place before the requests that came with it
+        // choose their slots.
+        for (const auto & op : ops) {
+            job_result r;
+            r.id_job = op.id_job;
+            try {
+                run_slot_op(op, r);
+            } catch (...) {
+                r.error = std::current_exception();
+            }
+            std::lock_guard<std::mutex> lk(mtx_out_);
+            jobs_done_.push_back(std::move(r));
+            notify_locked();
         }
         try {
             intake(incoming, cancels);
@@ -297,6 +315,52 @@ void engine::intake(std::vector<std::unique_ptr<task>> & incoming, std::vector<u
     for (auto & s : slots_) {
         if (!s->is_idle() && ids.count(s->t->req.id_req)) finish(*s, FINISH_REASON_CANCELLED);
     }
+}
+
+void engine::run_slot_op(const slot_op & op, job_result & r) {
+    if (op.id_slot < 0 || op.id_slot >= (int32_t) slots_.size()) {
+        throw invalid_request("no slot " + std::to_string(op.id_slot) + ": this server has " +
+                              std::to_string(slots_.size()) + " (0.." + std::to_string(slots_.size() - 1) + ")");
+    }
+    slot & s = *slots_[(size_t) op.id_slot];
+    if (!s.is_idle()) throw invalid_request("slot " + std::to_string(op.id_slot) + " is busy with a request");
+    const auto t0 = std::chrono::steady_clock::now();
+    auto ms = [&] {
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    };
+    char buf[160];
+    switch (op.action) {
+        case slot_action::save: {
+            const size_t n = llama_state_seq_save_file(ctx_.get(), op.path.c_str(), s.id, s.cache.data(), s.cache.size());
+            if (n == 0) throw invalid_request("cannot save slot " + std::to_string(s.id) + " to " + op.path);
+            std::snprintf(buf, sizeof buf, "{\"n_saved\": %zu, \"n_written\": %zu, \"ms\": %.3f}", s.cache.size(), n, ms());
+            break;
+        }
+        case slot_action::restore: {
+            std::vector<llama_token> tokens((size_t) llama_n_ctx_seq(ctx_.get()));
+            size_t n_tokens = 0;
+            forget_from(s, 0);  // a failed load must not leave a half-written sequence behind
+            const size_t n = llama_state_seq_load_file(ctx_.get(), op.path.c_str(), s.id, tokens.data(), tokens.size(), &n_tokens);
+            if (n == 0) {
+                llama_memory_seq_rm(llama_get_memory(ctx_.get()), s.id, -1, -1);
+                throw invalid_request("cannot restore slot " + std::to_string(s.id) + " from " + op.path +
+                                      ": not a saved slot of this model, or longer than the slot's context");
+            }
+            tokens.resize(n_tokens);
+            s.cache = std::move(tokens);
+            s.n_draft_synced = 0;  // the draft model's KV starts over (forget_from dropped it)
+            s.t_last_used = ++clock_;
+            std::snprintf(buf, sizeof buf, "{\"n_restored\": %zu, \"n_read\": %zu, \"ms\": %.3f}", n_tokens, n, ms());
+            break;
+        }
+        case slot_action::erase: {
+            const size_t n = s.cache.size();
+            forget_from(s, 0);
+            std::snprintf(buf, sizeof buf, "{\"n_erased\": %zu}", n);
+            break;
+        }
+    }
+    r.text = buf;
 }
 
 bool engine::forget_from(slot & s, llama_pos from) {

@@ -116,6 +116,13 @@ public:
     void post_template(uint64_t id_job, std::string messages_json, bool add_generation_prompt);
     std::vector<job_result> poll_jobs();  // never waits
 
+    // A slot's KV cache to a file, back, or dropped, on the decode thread between steps (the
+    // slot must be idle). Its job_result's text is the outcome as a JSON object: save
+    // {"n_saved", "n_written", "ms"}, restore {"n_restored", "n_read", "ms"}, erase {"n_erased"};
+    // an invalid_request error when the slot is busy, unknown or the file cannot be used.
+    enum class slot_action { save, restore, erase };
+    void post_slot_action(uint64_t id_job, int32_t id_slot, slot_action action, std::string path);
+
     engine_stats stats() const;
     const model_info & info() const { return info_; }
 
@@ -148,6 +155,13 @@ private:
     void notify_locked();  // under mtx_out_: one byte on the pipe unless one is pending
     void post_job(uint64_t id_job, std::function<void(job_result &)> fn);
     void publish_stats();
+    struct slot_op {
+        uint64_t    id_job  = 0;
+        int32_t     id_slot = 0;
+        slot_action action  = slot_action::erase;
+        std::string path;
+    };
+    void run_slot_op(const slot_op & op, job_result & r);  // decode thread
     struct decode_result {
         bool    ok        = true;
         int32_t ret       = 0;  // llama_decode's code
@@ -189,6 +203,7 @@ private:
     std::condition_variable             cv_in_;
     std::vector<std::unique_ptr<task>>  inbox_;
     std::vector<uint64_t>               cancels_;
+    std::vector<slot_op>                slot_ops_;
     bool                                stopping_ = false;
     // For submit's bound on waiting requests, kept exact under mtx_in_: generation requests
     // submitted but not yet in a slot, slots without a request, embedding requests not yet run.

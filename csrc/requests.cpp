@@ -136,6 +136,15 @@ void engine::post_job(uint64_t id_job, std::function<void(job_result &)> fn) {
     });
 }
 
+void engine::post_slot_action(uint64_t id_job, int32_t id_slot, slot_action action, std::string path) {
+    {
+        std::lock_guard<std::mutex> lk(mtx_in_);
+        if (stopping_) throw engine_stopped("the engine is stopped");
+        slot_ops_.push_back({id_job, id_slot, action, std::move(path)});
+    }
+    cv_in_.notify_one();
+}
+
 void engine::post_prepare(uint64_t id_job, request && req, std::vector<uint64_t> ids) {
     // std::function needs a copyable callable: the request travels in a shared_ptr.
     auto moved = std::make_shared<request>(std::move(req));

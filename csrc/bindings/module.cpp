@@ -264,6 +264,17 @@ void bind_engine(py::module_ & m) {
         .def("post_detokenize", &engine::post_detokenize, py::arg("id_job"), py::arg("tokens"))
         .def("post_template", &engine::post_template, py::arg("id_job"), py::arg("messages_json"),
              py::arg("add_generation_prompt"))
+        .def("post_slot_action", [](engine & e, uint64_t id_job, int32_t id_slot, const std::string & action,
+                                    std::string path) {
+            engine::slot_action a;
+            if (action == "save") a = engine::slot_action::save;
+            else if (action == "restore") a = engine::slot_action::restore;
+            else if (action == "erase") a = engine::slot_action::erase;
+            else throw invalid_request("action must be save, restore or erase, not '" + action + "'");
+            e.post_slot_action(id_job, id_slot, a, std::move(path));
+        }, py::arg("id_job"), py::arg("id_slot"), py::arg("action"), py::arg("path") = std::string(),
+           "A slot's KV to a file (save), back (restore) or dropped (erase), between two steps; "
+           "the job's value is the outcome as JSON text.")
         .def("poll_jobs", [](engine & e) {
             std::vector<job_result> done;
             {

@@ -584,6 +584,10 @@ class Engine:
         ...
     def post_prepare(self, id_job: typing.SupportsInt | typing.SupportsIndex, request: Request, ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...
+    def post_slot_action(self, id_job: typing.SupportsInt | typing.SupportsIndex, id_slot: typing.SupportsInt | typing.SupportsIndex, action: str, path: str = '') -> None:
+        """
+        A slot's KV to a file (save), back (restore) or dropped (erase), between two steps; the job's value is the outcome as JSON text.
+        """
     def post_template(self, id_job: typing.SupportsInt | typing.SupportsIndex, messages_json: str, add_generation_prompt: bool) -> None:
         ...
     def post_tokenize(self, id_job: typing.SupportsInt | typing.SupportsIndex, text: str, add_special: bool, parse_special: bool) -> None:

@@ -168,6 +168,13 @@ def _path(text: str) -> str:
     return str(Path(_nonempty(text)).expanduser())
 
 
+def _dir(text: str) -> str:
+    path = _path(text)
+    if not os.path.isdir(path):
+        raise ValueError(f"not a directory: {text!r}")
+    return os.path.abspath(path)
+
+
 def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -510,6 +517,10 @@ FLAGS: tuple[Flag, ...] = (
          "server", metavar="{text,json}"),
     Flag(("-v", "--verbose"), ("LLAMA_ARG_VERBOSE",), "verbose", None, False,
          "debug logs, llama.cpp's own included", "server", action="store_true"),
+    Flag(("--slot-save-path",), ("LLAMA_ARG_SLOT_SAVE_PATH",), "server.slot_save_path", _dir,
+         None, "directory where POST /slots/{id}?action=save writes a slot's KV cache and "
+         "action=restore reads it back", "server", metavar="DIR",
+         default_text="none: save and restore answer 501"),
     # llama-server's spellings, for its users' scripts
     Flag(("--tags",), ("LLAMA_ARG_TAGS",), "server.tags", _csv, _SERVER.tags,
          "comma-separated model tags, listed with the model in GET /v1/models (informational, "

@@ -27,6 +27,7 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     # -1: no server limit, but a request's X-Request-Tokens-Per-Second header is honoured).
     tokens_per_second: int = 0
     tags: list[str] = []  # --tags: informational, listed with the model in /v1/models
+    slot_save_path: str | None = None  # --slot-save-path: where POST /slots/{id} saves slots
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)  # request defaults
 
     @property

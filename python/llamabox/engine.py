@@ -468,6 +468,26 @@ class Engine:
             results.append(EmbeddingResult(embedding=vec, prompt_tokens=ev.n_prompt))
         return results
 
+    # ---- slots ----
+
+    async def slot_action(self, id_slot: int, action: str, path: str = "") -> dict[str, Any]:
+        """``save`` slot ``id_slot``'s KV cache to ``path``, ``restore`` it from there, or
+        ``erase`` it: between two engine steps, with the slot idle (else InvalidRequestError)."""
+        core = self._require()
+        id_job = next(self._ids)
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._jobs[id_job] = fut
+        try:
+            core.post_slot_action(id_job, id_slot, action, path)
+            text = await fut
+        except _core.InvalidRequest as e:
+            raise _invalid(e) from None
+        except _core.EngineStopped as e:
+            raise EngineStoppedError(str(e)) from None
+        finally:
+            self._jobs.pop(id_job, None)
+        return dict(msgspec.json.decode(text))
+
     # ---- events ----
 
     def _dispatch(self) -> None:

@@ -43,6 +43,7 @@ from llamabox.types import (
     FinishReason,
     GenerateRequest,
     GenerationOutput,
+    InvalidRequestError,
     ModelInfo,
     ModelLoadError,
     SlotInfo,
@@ -197,6 +198,7 @@ class FakeEngine:
         self.loaded = False
         self.stopped = False
         self.fail_reason: str | None = None  # what `failure` says (a lost RPC server, say)
+        self.slot_actions: list[tuple[int, str, str]] = []
         self.calls: list[Call] = []
         self.templated: list[list[dict[str, Any]]] = []
         self.embed_inputs: list[list[Any]] = []
@@ -316,6 +318,16 @@ class FakeEngine:
 
     def token_pieces(self, tokens: list[int]) -> list[bytes]:
         return [self._piece(t) for t in tokens]
+
+    async def slot_action(self, id_slot: int, action: str, path: str = "") -> dict[str, Any]:
+        self.slot_actions.append((id_slot, action, path))
+        if not 0 <= id_slot < self.config.n_parallel:
+            raise InvalidRequestError(f"no slot {id_slot}")
+        return {
+            "save": {"n_saved": 5, "n_written": 1000, "ms": 1.5},
+            "restore": {"n_restored": 5, "n_read": 1000, "ms": 2.5},
+            "erase": {"n_erased": 5},
+        }[action]
 
     async def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True

@@ -207,6 +207,7 @@ def test_every_env_var_is_read() -> None:
                 "LLAMA_ARG_NO_SWA_FULL",
                 # accepted only at their defaults: test_llama_servers_spellings
                 "LLAMA_ARG_CONT_BATCHING", "LLAMA_ARG_CONTEXT_SHIFT",
+                "LLAMA_ARG_SLOT_SAVE_PATH",  # a directory: test_slot_save_path
                 # files: test_speculative_files
                 "LLAMA_ARG_MODEL_DRAFT", "LLAMA_ARG_SPEC_DRAFT_MODEL",
                 "LLAMA_ARG_LOOKUP_CACHE_STATIC", "LLAMA_ARG_LOOKUP_CACHE_DYNAMIC"}  # fmt: skip
@@ -577,3 +578,13 @@ def test_llama_servers_spellings() -> None:
         assert str(e.value).startswith(f"{word}: ")
     help_text = flag_reference_markdown()
     assert "`--slots`" in help_text and "`--context-shift`" in help_text
+
+
+def test_slot_save_path(tmp_path: Path) -> None:
+    assert parse_serve_args([*M, "--slot-save-path", str(tmp_path)], {}).slot_save_path == str(
+        tmp_path
+    )
+    env = {"LLAMA_ARG_SLOT_SAVE_PATH": str(tmp_path)}
+    assert parse_serve_args(M, env).slot_save_path == str(tmp_path)
+    with pytest.raises(UsageError, match="not a directory"):
+        parse_serve_args([*M, "--slot-save-path", str(tmp_path / "missing")], {})

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from llamabox.api import metrics, native, ollama, openai
+from llamabox.api import metrics, native, ollama, openai, slot_files
 from llamabox.api.errors import APIError, error_body, from_exception, ollama_body
 from llamabox.api.http import (
     ClientDisconnected,
@@ -66,6 +66,7 @@ class LlamaboxApp:
                 Route("GET", "/v1/health", health, public=True, needs_model=False),
                 *metrics.routes(),
                 *native.routes(),
+                *slot_files.routes(),
                 *openai.routes(),
                 *ollama.routes(),
             ]
