@@ -11,6 +11,7 @@ Only the standard library here, so ``python bench/build_llama_tools.py`` runs an
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
@@ -137,3 +139,39 @@ def percentile(xs: Sequence[float], p: float) -> float:
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
+
+
+def llamabox_bench(url: str, concurrency: str, requests: int, max_tokens: int) -> dict[str, Any]:
+    """``llamabox bench --json`` against ``url`` (the same measuring code as the CLI)."""
+    cmd = [sys.executable, "-m", "llamabox", "bench", "--url", url, "--json", "--quiet",
+           "--concurrency", concurrency, "--requests", str(requests),
+           "--max-tokens", str(max_tokens), "--ignore-eos"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return dict(json.loads(out.stdout))
+
+
+def median_level(
+    runs: Sequence[dict[str, Any]], level: int, key: str, sub: str | None = None
+) -> float:
+    """The median over passes of one concurrency level's ``key`` (``sub`` of it: "p50")."""
+    vals = sorted(
+        float(r["levels"][level][key][sub] if sub else r["levels"][level][key]) for r in runs
+    )
+    return vals[len(vals) // 2]
+
+
+def ratio_table(
+    runs: dict[str, list[dict[str, Any]]], base: str, other: str, concurrency: str
+) -> list[dict[str, Any]]:
+    """Prints, per concurrency level, ``other``'s output tokens/s against ``base``'s (medians
+    over the passes) and TTFT p50, and returns the rows (the script's JSON)."""
+    head = f"{'clients':>7} {base + ' tok/s':>14} {other + ' tok/s':>14} {'ratio':>6} "
+    print(head + f"{'TTFT p50 ' + base:>17} {other:>9}")
+    rows = []
+    for i, c in enumerate(int(c) for c in concurrency.split(",")):
+        bt, ot = (median_level(runs[n], i, "output_tokens_per_s") for n in (base, other))
+        bf, of = (median_level(runs[n], i, "ttft_ms", "p50") for n in (base, other))
+        rows.append({"clients": c, f"{base}_tok_s": bt, f"{other}_tok_s": ot, "ratio": ot / bt,
+                     f"ttft_p50_{base}_ms": bf, f"ttft_p50_{other}_ms": of})  # fmt: skip
+        print(f"{c:>7} {bt:>14.1f} {ot:>14.1f} {ot / bt:>6.2f} {bf:>17.0f} {of:>9.0f}")
+    return rows

@@ -22,16 +22,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import log  # noqa: E402
+from common import llamabox_bench, log, ratio_table  # noqa: E402
 from servers import free_port, start_server, stop_server, wait_ready  # noqa: E402
 
 
 def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "llamabox", "bench", "--url", url, "--json", "--quiet",
-           "--concurrency", args.concurrency, "--requests", str(args.requests),
-           "--max-tokens", str(args.max_tokens), "--ignore-eos"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return dict(json.loads(out.stdout))
+    return llamabox_bench(url, args.concurrency, args.requests, args.max_tokens)
 
 
 def variant(python: str) -> str:
@@ -75,22 +71,7 @@ def main() -> int:
     finally:
         for s in servers.values():
             stop_server(s)
-    print(f"{'clients':>7} {'native tok/s':>12} {'portable tok/s':>14} {'ratio':>6} "
-          f"{'TTFT p50 native':>15} {'portable':>8}")  # fmt: skip
-    rows = []
-    for i, c in enumerate(int(c) for c in args.concurrency.split(",")):
-
-        def med(name: str, key: str, sub: str | None = None, i: int = i) -> float:
-            vals = sorted(
-                float(r["levels"][i][key][sub] if sub else r["levels"][i][key]) for r in runs[name]
-            )
-            return vals[len(vals) // 2]
-
-        nt, pt = med("native", "output_tokens_per_s"), med("portable", "output_tokens_per_s")
-        nf, pf = med("native", "ttft_ms", "p50"), med("portable", "ttft_ms", "p50")
-        rows.append({"clients": c, "native_tok_s": nt, "portable_tok_s": pt, "ratio": pt / nt,
-                     "ttft_p50_native_ms": nf, "ttft_p50_portable_ms": pf})  # fmt: skip
-        print(f"{c:>7} {nt:>12.1f} {pt:>14.1f} {pt / nt:>6.2f} {nf:>15.0f} {pf:>8.0f}")
+    rows = ratio_table(runs, "native", "portable", args.concurrency)
     print(json.dumps({"bench": "portable", "threads": args.threads, "variants": variants,
                       "rows": rows}))  # fmt: skip
     return 0

@@ -22,16 +22,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, log  # noqa: E402
+from common import RESULTS_DIR, llamabox_bench, log, ratio_table  # noqa: E402
 from servers import free_port, start_server, stop_server, wait_ready  # noqa: E402
 
 
 def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "llamabox", "bench", "--url", url, "--json", "--quiet",
-           "--concurrency", args.concurrency, "--requests", str(args.requests),
-           "--max-tokens", str(args.max_tokens), "--ignore-eos"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return dict(json.loads(out.stdout))
+    return llamabox_bench(url, args.concurrency, args.requests, args.max_tokens)
 
 
 def main() -> int:
@@ -80,24 +76,7 @@ def main() -> int:
             stop_server(s)
         rpc.terminate()
         rpc.wait(30)
-    print(f"{'clients':>7} {'local tok/s':>11} {'rpc tok/s':>9} {'ratio':>6} "
-          f"{'TTFT p50 local':>14} {'rpc':>7}")  # fmt: skip
-    rows = []
-    for i, c in enumerate(int(c) for c in args.concurrency.split(",")):
-
-        def med(name: str, key: str, sub: str | None = None, i: int = i) -> float:
-            vals = []
-            for r in runs[name]:
-                v = r["levels"][i][key]
-                vals.append(float(v[sub] if sub else v))
-            vals.sort()
-            return vals[len(vals) // 2]
-
-        lt, rt = med("local", "output_tokens_per_s"), med("rpc", "output_tokens_per_s")
-        lf, rf = med("local", "ttft_ms", "p50"), med("rpc", "ttft_ms", "p50")
-        rows.append({"clients": c, "local_tok_s": lt, "rpc_tok_s": rt, "ratio": rt / lt,
-                     "ttft_p50_local_ms": lf, "ttft_p50_rpc_ms": rf})  # fmt: skip
-        print(f"{c:>7} {lt:>11.1f} {rt:>9.1f} {rt / lt:>6.2f} {lf:>14.0f} {rf:>7.0f}")
+    rows = ratio_table(runs, "local", "rpc", args.concurrency)
     print(json.dumps({"bench": "rpc", "threads": args.threads, "rows": rows}))
     return 0
 
