@@ -422,6 +422,16 @@ BAD: list[Case] = [
         {"input_prefix": "def f(", "input_suffix": "):"},
     ),  # the tiny model has no FIM tokens
     ("/api/generate", {**OLLAMA, "suffix": "x"}),
+    # -- slot files: this server has no --slot-save-path (501), and the route's own checks
+    ("/slots/0?action=save", {"filename": "a.bin"}),
+    ("/slots/0?action=restore", {"filename": "../../etc/passwd"}),
+    ("/slots/0?action=dump", {}),
+    ("/slots/0", {}),
+    ("/slots/zero?action=erase", {}),
+    ("/slots/99?action=erase", {}),
+    ("/slots/-1?action=erase", {}),
+    ("/slots/0?action=save", b"{oops"),
+    ("/slots/0?action=save", {"filename": 5}),
 ]
 
 # Edge cases that are fine (they once took the server down or answered 500): they must work.
@@ -432,6 +442,7 @@ ACCEPTED: list[Case] = [
     ("/completion", {**NATIVE, "seed": -(2**63), "top_k": -5, "temperature": -1e300}),
     ("/v1/completions", {**CMPL, "stop": [""], "max_tokens": 2}),
     ("/tokenize", {"content": "x" * 200_000}),
+    ("/slots/1?action=erase", {}),  # an idle slot's cache dropped; the others serve on
     ("/tokenize", {"content": "<s></s>\u0000\U0001f600", "with_pieces": True}),
     ("/detokenize", {"tokens": list(range(0, N_VOCAB, 7))}),
     ("/detokenize", {"tokens": []}),
