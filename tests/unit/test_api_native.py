@@ -38,6 +38,11 @@ async def test_props() -> None:
     assert settings["n_ctx"] == N_CTX_SLOT  # per slot, as the engine reports it
     assert settings["model"] == "m" and settings["n_predict"] == -1
     assert settings["params"]["temperature"] == 0.25 and settings["params"]["top_k"] == 9
+    # the effective defaults, with llama-server's names: a random seed is its 4294967295
+    params = settings["params"]
+    assert params["seed"] == 0xFFFFFFFF and params["n_predict"] == params["max_tokens"] == -1
+    assert params["stop"] == [] and params["grammar"] == "" and params["logit_bias"] == []
+    assert params["ignore_eos"] is False and params["n_probs"] == 0
     assert body["chat_template"] == "{{ fake }}"
     system = body["system_info"]
     assert system["backend"] in ("cpu", "custom") and "CPU" in system["backends"]
@@ -309,3 +314,13 @@ async def test_infill() -> None:
     app, _ = make_app(infill=False)
     async with client(app) as c:
         assert (await c.post("/infill", json={"input_prefix": "a"})).status_code == 501
+
+
+async def test_props_report_the_servers_seed() -> None:
+    from llamabox.types import EngineConfig
+
+    engine = FakeEngine(EngineConfig(model="/models/fake-model.gguf", n_parallel=2, seed=42))
+    app, _ = make_app(engine)
+    async with client(app) as c:
+        params = (await c.get("/props")).json()["default_generation_settings"]["params"]
+    assert params["seed"] == 42

@@ -61,6 +61,31 @@ def _system_info() -> dict[str, Any]:
     return dict(_core.system_info())  # microseconds: memory figures stay current
 
 
+# llama.cpp's LLAMA_DEFAULT_SEED: what its /props shows for "a random seed per request"
+_RANDOM_SEED = 0xFFFFFFFF
+
+
+def _default_params(state: AppState) -> dict[str, Any]:
+    """What a request that sets nothing gets, with llama-server's names for the fields: the
+    server's sampling defaults, its seed, its token limit."""
+    config = state.config
+    sampling = config.sampling
+    params: dict[str, Any] = {f: getattr(sampling, f) for f in sampling.__struct_fields__}
+    seed = sampling.seed if sampling.seed is not None else config.engine.seed
+    params.update(
+        seed=_RANDOM_SEED if seed < 0 else seed,
+        n_predict=config.engine.n_predict,
+        max_tokens=config.engine.n_predict,
+        stop=[],
+        stream=False,
+        grammar=sampling.grammar or "",
+        json_schema=sampling.json_schema or "",
+        logit_bias=[[token, bias] for token, bias in sampling.logit_bias.items()],
+        n_keep=0,
+    )
+    return params
+
+
 async def props(req: Request, state: AppState) -> Response:
     info = state.engine.model_info
     config = state.config
@@ -68,7 +93,7 @@ async def props(req: Request, state: AppState) -> Response:
         "n_ctx": info.n_ctx_slot,
         "n_predict": config.engine.n_predict,
         "model": state.model_name,
-        "params": {f: getattr(config.sampling, f) for f in config.sampling.__struct_fields__},
+        "params": _default_params(state),
     }
     system = _system_info()
     spec = config.engine.speculative
