@@ -154,3 +154,20 @@ def test_model_load_failure_exits_nonzero(tmp_path: Path) -> None:
     with start_server(bad, wait=False) as server:
         assert server.proc.wait(60) == 1, server.log()
         assert "bad.gguf" in server.log() or "load" in server.log()
+
+
+def test_a_native_prompt_mixes_token_ids_and_text(tiny_server: ServerProcess) -> None:
+    """llama-server's /completion takes [12, " text", 34]: text pieces tokenized in place (only
+    the first piece gets a BOS), ids as given; the result equals the same tokens sent as ids."""
+    with tiny_server.http() as http:
+        hello = http.post("/tokenize", json={"content": " Hello", "add_special": False}).json()
+        world = http.post("/tokenize", json={"content": " world", "add_special": False}).json()
+        ids = hello["tokens"] + world["tokens"]
+        body = {"n_predict": 6, "temperature": 0, "return_tokens": True, "cache_prompt": False}
+        mixed = http.post("/completion", json={**body, "prompt": [*hello["tokens"], " world"]})
+        plain = http.post("/completion", json={**body, "prompt": ids})
+        assert mixed.status_code == plain.status_code == 200, mixed.text
+        assert mixed.json()["tokens_evaluated"] == plain.json()["tokens_evaluated"] == len(ids)
+        assert mixed.json()["tokens"] == plain.json()["tokens"]
+        bad = http.post("/completion", json={**body, "prompt": [1, {"x": 1}]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt[1]"
