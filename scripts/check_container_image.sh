@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Builds the CPU image (deploy/docker/Dockerfile) with buildah, without Docker or a registry,
-# and serves a model from it:
+# Builds an image of deploy/docker/ with buildah, without Docker or a registry, and serves a
+# model from it:
 #
 #   scripts/check_container_image.sh        # as root; apt-get install debootstrap buildah
+#   DOCKERFILE=deploy/docker/Dockerfile.vulkan scripts/check_container_image.sh   # on lavapipe
 #
-# 1. A Debian 12 root made by debootstrap (python3, python3-venv, python3-dev) is imported as the
-#    Dockerfile's base image, python:3.12-slim-bookworm. It stands in for Docker Hub's image,
-#    which cannot be pulled here: the same Debian release, but Debian's Python 3.11 in /usr/bin
+# 1. A Debian root made by debootstrap (python3, python3-venv, python3-dev) is imported as the
+#    Dockerfile's base image, python:3.12-slim-<release>. It stands in for Docker Hub's image,
+#    which cannot be pulled here: the same Debian release, but Debian's Python in /usr/bin
 #    instead of Python 3.12 in /usr/local/bin, and this machine's CA certificates (its TLS
 #    proxy to PyPI) in the image's store.
 # 2. buildah builds the Dockerfile as it is (both stages, chroot isolation, Docker format so
@@ -22,9 +23,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=$(python -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
-image="localhost/llamabox:$version"
-base="docker.io/library/python:3.12-slim-bookworm"
-rootfs=${ROOTFS:-/var/tmp/llamabox-bookworm}
+dockerfile=${DOCKERFILE:-deploy/docker/Dockerfile}
+# The base image the Dockerfile names (python:3.12-slim-<release>) and that Debian release
+from=$(sed -n 's/^FROM \([^ ]*\) AS builder$/\1/p' "$dockerfile")
+suite=${from##*-}
+case "$from" in python:*-slim-bookworm | python:*-slim-trixie) ;; *)
+    echo "$dockerfile builds on $from: only Debian-based python images have a stand-in here" >&2
+    exit 1 ;;
+esac
+flavour=$(basename "$dockerfile" | sed -n 's/^Dockerfile\.\(.*\)$/-\1/p')
+image="localhost/llamabox:$version$flavour"
+base="docker.io/library/$from"
+rootfs=${ROOTFS:-/var/tmp/llamabox-$suite}
 model=${MODEL:-$(python -c "from llamabox.models import default_model_path; print(default_model_path())")}
 port=${PORT:-18080}
 work=$(mktemp -d)
@@ -38,9 +48,9 @@ say() { printf '== %s\n' "$*"; }
 
 # python3-dev: Docker Hub's python images carry Python's headers, which the build needs.
 if [ ! -x "$rootfs/usr/bin/python3" ]; then
-    say "debootstrap bookworm into $rootfs"
+    say "debootstrap $suite into $rootfs"
     debootstrap --variant=minbase --include=python3,python3-venv,python3-dev,ca-certificates \
-        bookworm "$rootfs" http://deb.debian.org/debian
+        "$suite" "$rootfs" http://deb.debian.org/debian
 elif ! ls "$rootfs"/usr/include/python3*/Python.h >/dev/null 2>&1; then
     chroot "$rootfs" sh -c 'apt-get update -qq && apt-get install -y -qq python3-dev >/dev/null && apt-get clean'
 fi
@@ -58,10 +68,10 @@ if [ -n "${REIMPORT:-}" ] || ! buildah inspect --type image "$base" >/dev/null 2
     buildah bud --quiet --isolation chroot -t "$base" -f "$work/Dockerfile" "$work" >/dev/null
 fi
 
-say "building $image from deploy/docker/Dockerfile"
+say "building $image from $dockerfile"
 start=$(date +%s)
 buildah bud --isolation chroot --format docker --pull=never --layers \
-    -f deploy/docker/Dockerfile -t "$image" .
+    -f "$dockerfile" -t "$image" .
 say "built in $(($(date +%s) - start)) s"
 
 buildah inspect --type image "$image" >"$work/image.json"
@@ -81,9 +91,13 @@ ctr=$(buildah from --pull=never "$image")
 # The container's environment and user, the model read-only, the host's network. The model goes
 # on /srv/models, not the image's /models volume: `buildah run` (1.28, chroot isolation) lays
 # the image's anonymous VOLUME over a bind mount at the same path (docker and podman run don't).
+# The Vulkan image runs on Mesa's lavapipe here (a Vulkan driver on the CPU, in the image),
+# which ggml uses only when GGML_VK_VISIBLE_DEVICES names it: all layers then go to Vulkan0.
+vk_env=()
+[ "$flavour" = "-vulkan" ] && vk_env=(--env GGML_VK_VISIBLE_DEVICES=0)
 run() {
     buildah run --isolation chroot --user 10001:10001 \
-        -v "$(dirname "$model"):/srv/models:ro" \
+        -v "$(dirname "$model"):/srv/models:ro" "${vk_env[@]}" \
         --env "LLAMA_ARG_MODEL=/srv/models/$(basename "$model")" --env "LLAMA_ARG_PORT=$port" \
         "$ctr" -- "$@"
 }
@@ -92,7 +106,7 @@ if run sh -c 'command -v gcc cc c++' >/dev/null 2>&1; then
     exit 1
 fi
 say "serving $(basename "$model") from the image on port $port"
-setsid bash -c "$(declare -f run); ctr=$ctr model=$model port=$port; run llamabox serve" \
+setsid bash -c "$(declare -f run); $(declare -p vk_env); ctr=$ctr model=$model port=$port; run llamabox serve" \
     >"$work/serve.log" 2>&1 &
 leader=$!
 ok=""
@@ -118,8 +132,16 @@ assert test[0] == "CMD", test
 print(shlex.join(test[1:]))
 EOF
 eval "run $(cat "$work/healthcheck")" && say "HEALTHCHECK command: healthy"
-variant=$(curl -fsS "http://127.0.0.1:$port/props" | python -c "import json, sys; print(json.load(sys.stdin)['system_info']['cpu_variant'])")
-say "CPU variant loaded in the container: $variant"
+curl -fsS "http://127.0.0.1:$port/props" >"$work/props.json"
+python - "$work/props.json" <<'EOF'
+import json, sys
+info = json.load(open(sys.argv[1]))["system_info"]
+devices = ", ".join(f"{d['name']} ({d['description']})" for d in info["devices"])
+print(f"== {info['backend']} build; CPU variant {info['cpu_variant']}; devices: {devices}")
+EOF
+if [ "$flavour" = "-vulkan" ]; then
+    grep -q "offloaded .* layers to GPU" "$work/serve.log" && grep "offloaded" "$work/serve.log" | sed 's/^/== /'
+fi
 kill -TERM -- "-$leader"
 for _ in $(seq 1 60); do
     pgrep -f "bin/llamabox serve" >/dev/null || break

@@ -933,11 +933,14 @@ def check_commands(cmds: list[list[str]], where: str) -> set[str]:
         elif words[:3] == ["python", "-m", "pytest"]:
             assert [w for w in words[3:] if w != "-q"] == ["tests/unit/test_deploy.py"], line
             seen.add("pytest")
-        elif words == ["scripts/check_container_image.sh"]:  # run by hand: root and buildah
-            script = ROOT / words[0]
+        elif words[-1:] == ["scripts/check_container_image.sh"]:  # by hand: root and buildah
+            for assignment in words[:-1]:  # DOCKERFILE=deploy/docker/Dockerfile.vulkan
+                name, _, value = assignment.partition("=")
+                assert name == "DOCKERFILE" and Path(value).name in IMAGES, line
+            script = ROOT / words[-1]
             assert os.access(script, os.X_OK), line
             assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, line
-            assert "-f deploy/docker/Dockerfile " in script.read_text(), line
+            assert "DOCKERFILE:-deploy/docker/Dockerfile}" in script.read_text(), line
             seen.add("check image")
         elif words[:2] == ["apt-get", "install"]:  # what that script needs
             assert words[2:] == ["debootstrap", "buildah"], line
