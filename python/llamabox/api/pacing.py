@@ -12,7 +12,6 @@ first, so over any stretch the delivered rate is at most ``rate``.
 from __future__ import annotations
 
 import asyncio
-import collections
 import math
 import time
 
@@ -45,47 +44,23 @@ def request_rate(state: AppState, headers: dict[str, str]) -> float | None:
 
 
 class PacedStream:
-    """``inner``'s outputs, delivered at most ``rate`` tokens a second (see the module)."""
+    """``inner``'s outputs, delivered at most ``rate`` tokens a second (see the module). The
+    engine's stream keeps each step's output apart from now on (it would merge what a reader
+    has not taken yet), so outputs wait there, in the engine's order and sizes, while this
+    reader sleeps until each one is due."""
 
     def __init__(self, inner: RequestStreamLike, rate: float) -> None:
         self._inner = inner
         self._rate = rate
-        self._ready: collections.deque[GenerationOutput | BaseException] = collections.deque()
-        self._arrived = asyncio.Event()
         self._first: float | None = None
         self._delivered = 0
-        self._done = False
-        # Each engine step's output apart (the engine's stream merges what a reader has not
-        # taken, and several steps can come in one wake-up of the loop), read from now on.
         inner.keep_outputs()
-        self._reader: asyncio.Task[None] = asyncio.ensure_future(self._read())
 
     def __aiter__(self) -> PacedStream:
         return self
 
-    async def _read(self) -> None:
-        # Reads the engine's outputs as they come, so that they are not merged while they wait.
-        try:
-            async for out in self._inner:
-                self._ready.append(out)
-                self._arrived.set()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:  # the engine's error, delivered in its turn
-            self._ready.append(e)
-        finally:
-            self._done = True
-            self._arrived.set()
-
     async def __anext__(self) -> GenerationOutput:
-        while not self._ready:
-            if self._done:
-                raise StopAsyncIteration
-            self._arrived.clear()
-            await self._arrived.wait()
-        item = self._ready.popleft()
-        if isinstance(item, BaseException):
-            raise item
+        item = await self._inner.__anext__()
         now = time.monotonic()
         if self._first is None:
             self._first = now
@@ -98,7 +73,6 @@ class PacedStream:
 
     def cancel(self) -> None:
         self._inner.cancel()
-        self._reader.cancel()
 
     def keep_outputs(self) -> None:
         pass  # it always does
