@@ -69,24 +69,11 @@ async def slot_action(req: Request, state: AppState) -> Response:
     if action == "restore" and not path.is_file():
         raise InvalidRequestError(f"no saved slot named {body.filename!r}", param="filename")
     result = await state.engine.slot_action(id_slot, action, str(path))
-    if action == "save":
-        return json_response(
-            {
-                "id_slot": id_slot,
-                "filename": body.filename,
-                "n_saved": result["n_saved"],
-                "n_written": result["n_written"],
-                "timings": {"save_ms": result["ms"]},
-            }
-        )
+    # llama-server's answer: n_saved/n_written or n_restored/n_read, and the time it took
+    counts = {k: v for k, v in result.items() if k != "ms"}
+    timings = {f"{action}_ms": result["ms"]}
     return json_response(
-        {
-            "id_slot": id_slot,
-            "filename": body.filename,
-            "n_restored": result["n_restored"],
-            "n_read": result["n_read"],
-            "timings": {"restore_ms": result["ms"]},
-        }
+        {"id_slot": id_slot, "filename": body.filename, **counts, "timings": timings}
     )
 
 
