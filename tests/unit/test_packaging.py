@@ -690,6 +690,8 @@ def test_the_version_comes_from_whichever_wheel_installed_the_package(
     assert installed_version("x") == "x"
     versions["llamabox"] = "0.9"
     assert installed_version() == "0.9"
+    monkeypatch.setattr(metadata, "packages_distributions", lambda: 1 / 0)  # never scanned then
+    assert installed_version() == "0.9"
 
 
 def test_a_cuda_wheel_requires_nvidias_runtime_wheels() -> None:
