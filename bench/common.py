@@ -11,6 +11,7 @@ Only the standard library here, so ``python bench/build_llama_tools.py`` runs an
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -175,3 +176,25 @@ def ratio_table(
                      f"ttft_p50_{base}_ms": bf, f"ttft_p50_{other}_ms": of})  # fmt: skip
         print(f"{c:>7} {bt:>14.1f} {ot:>14.1f} {ot / bt:>6.2f} {bf:>17.0f} {of:>9.0f}")
     return rows
+
+
+def pair_args(ap: argparse.ArgumentParser, threads: int) -> argparse.Namespace:
+    """The arguments of a script that runs ``llamabox bench`` against two servers in turn
+    (rpc.py, portable.py), parsed; the model defaults to Gemma 3 270M."""
+    ap.add_argument("--model", help="GGUF (default: Gemma 3 270M)")
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--concurrency", default="1,4")
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    if args.model is None:
+        from llamabox.models import default_model_path
+
+        args.model = str(default_model_path())
+    return args
+
+
+def bench_pair(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`llamabox_bench` with :func:`pair_args`' settings."""
+    return llamabox_bench(url, args.concurrency, args.requests, args.max_tokens)

@@ -22,12 +22,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import llamabox_bench, log, ratio_table  # noqa: E402
+from common import bench_pair, log, pair_args, ratio_table  # noqa: E402
 from servers import free_port, start_server, stop_server, wait_ready  # noqa: E402
-
-
-def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    return llamabox_bench(url, args.concurrency, args.requests, args.max_tokens)
 
 
 def variant(python: str) -> str:
@@ -39,17 +35,7 @@ def variant(python: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--portable-python", required=True, help="python of the portable wheel's venv")
-    ap.add_argument("--model", help="GGUF (default: Gemma 3 270M)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--concurrency", default="1,4")
-    ap.add_argument("--requests", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=2)
-    args = ap.parse_args()
-    if args.model is None:
-        from llamabox.models import default_model_path
-
-        args.model = str(default_model_path())
+    args = pair_args(ap, threads=2)
     n_par = max(int(c) for c in args.concurrency.split(","))
     common = ["serve", "-m", args.model, "-np", str(n_par), "-c", str(1024 * n_par),
               "-t", str(args.threads), "-tb", str(args.threads)]  # fmt: skip
@@ -66,7 +52,7 @@ def main() -> int:
         runs: dict[str, list[dict[str, Any]]] = {"native": [], "portable": []}
         for rep in range(args.repeat):
             for name in ("native", "portable") if rep % 2 == 0 else ("portable", "native"):
-                runs[name].append(bench(servers[name].url, args))
+                runs[name].append(bench_pair(servers[name].url, args))
                 log(f"{name} pass {rep + 1} done")
     finally:
         for s in servers.values():

@@ -22,27 +22,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, llamabox_bench, log, ratio_table  # noqa: E402
+from common import RESULTS_DIR, bench_pair, log, pair_args, ratio_table  # noqa: E402
 from servers import free_port, start_server, stop_server, wait_ready  # noqa: E402
-
-
-def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    return llamabox_bench(url, args.concurrency, args.requests, args.max_tokens)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", help="GGUF (default: Gemma 3 270M)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--concurrency", default="1,4")
-    ap.add_argument("--requests", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=2)
-    args = ap.parse_args()
-    if args.model is None:
-        from llamabox.models import default_model_path
-
-        args.model = str(default_model_path())
+    args = pair_args(ap, threads=1)
     n_par = max(int(c) for c in args.concurrency.split(","))
     rpc_port = free_port()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -69,7 +55,7 @@ def main() -> int:
         runs: dict[str, list[dict[str, Any]]] = {"local": [], "rpc": []}
         for rep in range(args.repeat):
             for name in ("local", "rpc") if rep % 2 == 0 else ("rpc", "local"):
-                runs[name].append(bench(servers[name].url, args))
+                runs[name].append(bench_pair(servers[name].url, args))
                 log(f"{name} pass {rep + 1} done")
     finally:
         for s in servers.values():
