@@ -82,6 +82,7 @@ struct job_result {
     prepared                 prep;    // post_prepare
     std::vector<llama_token> tokens;  // post_tokenize
     std::string              text;    // post_detokenize, post_template
+    std::unique_ptr<chat_render> chat;  // post_chat
 };
 
 class engine {
@@ -114,6 +115,7 @@ public:
     void post_tokenize(uint64_t id_job, std::string text, bool add_special, bool parse_special);
     void post_detokenize(uint64_t id_job, std::vector<llama_token> tokens);
     void post_template(uint64_t id_job, std::string messages_json, bool add_generation_prompt);
+    void post_chat(uint64_t id_job, std::string inputs_json);
     std::vector<job_result> poll_jobs();  // never waits
 
     // A slot's KV cache to a file, back, or dropped, on the decode thread between steps (the
@@ -131,6 +133,7 @@ public:
     std::string token_piece(llama_token token) const;  // raw bytes, special tokens rendered
     // messages: OpenAI-style JSON array. Returns the prompt text.
     std::string apply_chat_template(const std::string & messages_json, bool add_generation_prompt) const;
+    chat_render apply_chat(const std::string & inputs_json) const;  // see model::apply_chat
 
 private:
     void loop();

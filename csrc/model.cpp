@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "chat.h"
+#include "chat_format.h"
 #include "common.h"
 #include "errors.h"
 #include "input_limits.h"
@@ -192,23 +193,38 @@ std::string model::token_piece(llama_token token) const {
     return common_token_to_piece(vocab_, token, true);
 }
 
-std::string model::apply_chat_template(const std::string & messages_json, bool add_generation_prompt) const {
-    common_chat_templates_inputs inputs;
+namespace {
+
+std::vector<common_chat_msg> parse_messages(const common_json & messages) {
     try {
-        const common_json messages = common_json::parse(messages_json);
         check_tool_call_arguments(messages);
-        inputs.messages = common_chat_msgs_parse_oaicompat(messages);
+        return common_chat_msgs_parse_oaicompat(messages);
     } catch (const invalid_request & e) {
         throw invalid_request(e.what(), e.param.empty() ? "messages" : e.param);
     } catch (const std::exception & e) {
         throw invalid_request(std::string("invalid messages: ") + e.what(), "messages");
     }
-    inputs.add_generation_prompt = add_generation_prompt;
+}
+
+// A field of the chat inputs, read as T; a value of another type is the request's error.
+template <typename T>
+T field(const common_json & body, const char * name, T fallback) {
+    if (!body.contains(name) || body.at(name).is_null()) return fallback;
+    try {
+        return body.at(name).get<T>();
+    } catch (const std::exception &) {
+        throw invalid_request(std::string(name) + " has the wrong type", name);
+    }
+}
+
+}  // namespace
+
+common_chat_params model::render(common_chat_templates_inputs & inputs) const {
     inputs.use_jinja = !legacy_template_;
-    std::string prompt;
+    common_chat_params out;
     try {
         std::lock_guard<std::mutex> lk(mtx_tmpl_);
-        prompt = common_chat_templates_apply(tmpls_.get(), inputs).prompt;
+        out = common_chat_templates_apply(tmpls_.get(), inputs);
     } catch (const std::exception & e) {
         throw invalid_request(std::string("the chat template failed on these messages: ") + e.what(), "messages");
     }
@@ -216,9 +232,95 @@ std::string model::apply_chat_template(const std::string & messages_json, bool a
     const llama_token bos = llama_vocab_bos(vocab_);
     if (llama_vocab_get_add_bos(vocab_) && bos != LLAMA_TOKEN_NULL) {
         const std::string bos_text = common_token_to_piece(vocab_, bos, true);
-        if (!bos_text.empty() && prompt.compare(0, bos_text.size(), bos_text) == 0) prompt.erase(0, bos_text.size());
+        if (!bos_text.empty() && out.prompt.compare(0, bos_text.size(), bos_text) == 0) {
+            out.prompt.erase(0, bos_text.size());
+        }
     }
-    return prompt;
+    return out;
+}
+
+std::string model::apply_chat_template(const std::string & messages_json, bool add_generation_prompt) const {
+    common_chat_templates_inputs inputs;
+    common_json messages;
+    try {
+        messages = common_json::parse(messages_json);
+    } catch (const std::exception & e) {
+        throw invalid_request(std::string("invalid messages: ") + e.what(), "messages");
+    }
+    inputs.messages = parse_messages(messages);
+    inputs.add_generation_prompt = add_generation_prompt;
+    return render(inputs).prompt;
+}
+
+chat_render model::apply_chat(const std::string & inputs_json) const {
+    common_json body;
+    try {
+        body = common_json::parse(inputs_json);
+    } catch (const std::exception & e) {
+        throw invalid_request(std::string("invalid chat inputs: ") + e.what(), "messages");
+    }
+    if (!body.is_object() || !body.contains("messages")) throw invalid_request("messages are missing", "messages");
+    common_chat_templates_inputs inputs;
+    inputs.messages = parse_messages(body.at("messages"));
+    if (body.contains("tools") && !body.at("tools").is_null()) {
+        try {
+            inputs.tools = common_chat_tools_parse_oaicompat(body.at("tools"));
+        } catch (const std::exception & e) {
+            throw invalid_request(std::string("invalid tools: ") + e.what(), "tools");
+        }
+    }
+    if (!inputs.tools.empty() && legacy_template_) {
+        throw invalid_request("the built-in chat template '" + template_name_ +
+                              "' cannot present tools; serve with a Jinja template (--chat-template, "
+                              "--chat-template-file or the model's own)", "tools");
+    }
+    try {
+        inputs.tool_choice = common_chat_tool_choice_parse_oaicompat(field<std::string>(body, "tool_choice", "auto"));
+    } catch (const std::invalid_argument &) {
+        throw invalid_request("tool_choice must be none, auto, required or a named function", "tool_choice");
+    }
+    const auto caps = common_chat_templates_get_caps(tmpls_.get());
+    const auto parallel = caps.find("supports_parallel_tool_calls");
+    inputs.parallel_tool_calls = field<bool>(body, "parallel_tool_calls",
+                                             parallel != caps.end() && parallel->second);
+    if (body.contains("json_schema") && body.at("json_schema").is_object()) {
+        inputs.json_schema = body.at("json_schema").dump();
+    }
+    inputs.add_generation_prompt = field<bool>(body, "add_generation_prompt", true);
+    try {
+        inputs.reasoning_format = common_reasoning_format_from_name(field<std::string>(body, "reasoning_format", "auto"));
+    } catch (const std::runtime_error &) {
+        throw invalid_request("reasoning_format must be none, auto, deepseek or deepseek-legacy", "reasoning_format");
+    }
+    inputs.enable_thinking = field<bool>(body, "enable_thinking", true);
+    if (body.contains("chat_template_kwargs") && body.at("chat_template_kwargs").is_object()) {
+        for (const auto & item : body.at("chat_template_kwargs").items()) {
+            inputs.chat_template_kwargs[item.key()] = item.value().dump();
+        }
+    }
+
+    const common_chat_params p = render(inputs);
+    chat_render out;
+    out.prompt            = p.prompt;
+    out.grammar = inputs.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED && !p.grammar_lazy
+                      ? require_call_grammar(p.grammar)
+                      : p.grammar;
+    if (!inputs.parallel_tool_calls) out.grammar = single_call_grammar(out.grammar);
+    out.parallel_tool_calls = inputs.parallel_tool_calls;
+    out.grammar_lazy      = p.grammar_lazy;
+    for (const auto & t : p.grammar_triggers) out.grammar_triggers.emplace_back((int32_t) t.type, t.value);
+    out.preserved_tokens  = p.preserved_tokens;
+    out.additional_stops  = p.additional_stops;
+    out.generation_prompt = p.generation_prompt;
+    out.format            = (int32_t) p.format;
+    out.format_name       = common_chat_format_name(p.format);
+    out.parser            = p.parser;
+    out.supports_thinking = p.supports_thinking;
+    out.parse_tool_calls  = !inputs.tools.empty() && inputs.tool_choice != COMMON_CHAT_TOOL_CHOICE_NONE;
+    out.reasoning_format  = (int32_t) inputs.reasoning_format;
+    out.parses = out.parse_tool_calls ||
+                 (inputs.reasoning_format != COMMON_REASONING_FORMAT_NONE && p.supports_thinking);
+    return out;
 }
 
 }  // namespace llamabox

@@ -15,7 +15,10 @@
 #include "llama-cpp.h"
 #include "request.h"
 
+
 struct common_chat_templates;
+struct common_chat_params;
+struct common_chat_templates_inputs;
 
 namespace llamabox {
 
@@ -52,6 +55,10 @@ public:
     // messages: an OpenAI-style JSON array. Returns the prompt text, less a leading BOS text
     // (tokenizing with add_special puts the BOS token back). Throws invalid_request.
     std::string apply_chat_template(const std::string & messages_json, bool add_generation_prompt) const;
+    // inputs: a JSON object, {"messages": [...], "tools", "tool_choice" ("none", "auto",
+    // "required"), "parallel_tool_calls", "json_schema", "add_generation_prompt",
+    // "reasoning_format", "enable_thinking", "chat_template_kwargs"}. Throws invalid_request.
+    chat_render apply_chat(const std::string & inputs_json) const;
     const std::string & chat_template() const { return template_name_; }  // name or source in use
 
     bool is_eog(llama_token token) const { return llama_vocab_is_eog(vocab_, token); }
@@ -60,6 +67,8 @@ public:
     bool has_suppress_tokens() const { return has_suppress_; }
 
 private:
+    common_chat_params render(common_chat_templates_inputs & inputs) const;
+
     llama_model_ptr model_;
     const llama_vocab * vocab_ = nullptr;
     int32_t n_vocab_ = 0;

@@ -25,6 +25,15 @@ struct sampling_params {
     std::vector<std::pair<llama_token, float>> logit_bias;
     std::string grammar;               // GBNF
     std::string json_schema;           // JSON text; converted to GBNF at submit
+    // A chat template's tool-call grammar (chat_render): `grammar` then holds it, applied from
+    // the start, or, when lazy, from the first trigger on. Triggers are
+    // (common_grammar_trigger_type, text or pattern); preserved tokens are special tokens the
+    // template's format uses, rendered in the output text (the answer's parser reads them).
+    bool    tool_grammar      = false;
+    bool    grammar_lazy      = false;
+    std::vector<std::pair<int32_t, std::string>> grammar_triggers;
+    std::vector<std::string> preserved_tokens;
+    std::string generation_prompt;     // what the template put after the last message
     bool    ignore_eos        = false;
     bool    logprobs          = false; // report each sampled token's log-probability
     int32_t n_probs           = 0;     // and this many top alternatives
@@ -99,6 +108,48 @@ struct event {
     int32_t n_accepted = 0;
     double  t_prompt_ms = 0.0;
     double  t_gen_ms    = 0.0;
+};
+
+// What rendering a chat through the model's template (with tools, reasoning settings) gives: the prompt, and how to constrain and read the answer.
+struct chat_render {
+    std::string prompt;
+    std::string grammar;  // the template's tool-call grammar (GBNF); empty: none
+    bool        grammar_lazy = false;
+    std::vector<std::pair<int32_t, std::string>> grammar_triggers;  // (common_grammar_trigger_type, value)
+    std::vector<std::string> preserved_tokens;
+    std::vector<std::string> additional_stops;
+    std::string generation_prompt;  // the text the template put after the last message
+    int32_t     format = 0;          // common_chat_format
+    std::string format_name;
+    std::string parser;              // llama.cpp's serialized answer parser; empty: plain content
+    bool        supports_thinking = false;
+    bool        parse_tool_calls  = false;  // tools were offered and tool_choice is not "none"
+    bool        parallel_tool_calls = false;
+    int32_t     reasoning_format  = 0;      // common_reasoning_format
+    bool        parses = false;  // the answer needs the parser (tools, or a reasoning section)
+};
+
+struct chat_tool_call {
+    std::string id;
+    std::string name;
+    std::string arguments;  // JSON text
+};
+
+// One piece of a streamed answer: text of the reasoning or the content, or a tool call's part
+// (its id and name in its first piece, argument text after).
+struct chat_delta {
+    std::string reasoning;
+    std::string content;
+    int32_t     tool_index = -1;  // >= 0: a tool call's piece
+    std::string tool_id;
+    std::string tool_name;
+    std::string tool_arguments;
+};
+
+struct chat_message {
+    std::string content;
+    std::string reasoning_content;
+    std::vector<chat_tool_call> tool_calls;
 };
 
 struct slot_info {

@@ -167,6 +167,12 @@ void engine::post_template(uint64_t id_job, std::string messages_json, bool add_
     });
 }
 
+void engine::post_chat(uint64_t id_job, std::string inputs_json) {
+    post_job(id_job, [this, json = std::move(inputs_json)](job_result & r) {
+        r.chat = std::make_unique<chat_render>(apply_chat(json));
+    });
+}
+
 std::vector<job_result> engine::poll_jobs() {
     std::vector<job_result> out;
     std::lock_guard<std::mutex> lk(mtx_out_);
@@ -206,5 +212,7 @@ std::string engine::token_piece(llama_token token) const { return model_->token_
 std::string engine::apply_chat_template(const std::string & messages_json, bool add_generation_prompt) const {
     return model_->apply_chat_template(messages_json, add_generation_prompt);
 }
+
+chat_render engine::apply_chat(const std::string & inputs_json) const { return model_->apply_chat(inputs_json); }
 
 }  // namespace llamabox

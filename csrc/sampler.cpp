@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
 
 #include "errors.h"
 #include "input_limits.h"
@@ -48,6 +49,39 @@ void top_k_of(int32_t n, int32_t k, std::vector<llama_token_data> & heap, const 
         }
     }
     std::sort_heap(heap.begin(), heap.end(), worse);  // descending
+}
+
+// The template's side of a tool-call grammar: its special tokens, its triggers (a trigger word
+// that is one preserved token becomes a token trigger, as it can only be sampled whole) and
+// the generation prompt, which the grammar consumes before the answer.
+void set_tool_grammar(const model & m, const sampling_params & sp, common_params_sampling & cp,
+                      std::set<llama_token> & preserved) {
+    for (const auto & text : sp.preserved_tokens) {
+        const auto ids = m.tokenize(text, false, true);
+        if (ids.size() == 1) preserved.insert(ids[0]);
+    }
+    cp.preserved_tokens = preserved;
+    for (const auto & [type, value] : sp.grammar_triggers) {
+        if (type < COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN || type > COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL) {
+            throw invalid_request("unknown grammar trigger type " + std::to_string(type), "grammar_triggers");
+        }
+        common_grammar_trigger trigger{(common_grammar_trigger_type) type, value, LLAMA_TOKEN_NULL};
+        if (trigger.type == COMMON_GRAMMAR_TRIGGER_TYPE_WORD || trigger.type == COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN) {
+            const auto ids = m.tokenize(value, false, true);
+            if (ids.size() == 1 && (preserved.count(ids[0]) || trigger.type == COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN)) {
+                trigger.type  = COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN;
+                trigger.token = ids[0];
+            } else {
+                trigger.type = COMMON_GRAMMAR_TRIGGER_TYPE_WORD;
+            }
+        }
+        cp.grammar_triggers.push_back(std::move(trigger));
+    }
+    if (sp.grammar_lazy && cp.grammar_triggers.empty() && !cp.grammar.empty()) {
+        throw invalid_request("a lazy grammar needs at least one trigger", "grammar_triggers");
+    }
+    cp.grammar_lazy = sp.grammar_lazy;
+    if (sp.tool_grammar) cp.generation_prompt = sp.generation_prompt;
 }
 
 }  // namespace
@@ -105,11 +139,13 @@ std::unique_ptr<request_sampler> make_sampler(const model & m, const sampling_pa
             cp.grammar = common_grammar(COMMON_GRAMMAR_TYPE_USER, grammar);
         } else if (!sp.grammar.empty()) {
             check_grammar_limits(sp.grammar);
-            cp.grammar = common_grammar(COMMON_GRAMMAR_TYPE_USER, sp.grammar);
+            cp.grammar = common_grammar(sp.tool_grammar ? COMMON_GRAMMAR_TYPE_TOOL_CALLS : COMMON_GRAMMAR_TYPE_USER,
+                                        sp.grammar);
         }
     } catch (const invalid_request & e) {
         throw invalid_request(e.what(), constraint);
     }
+    set_tool_grammar(m, sp, cp, s->preserved_);
     try {
         s->smpl_.reset(common_sampler_init(m.get(), cp));
     } catch (const std::exception & e) {  // a grammar that does not parse, a penalty out of range

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <set>
 #include <stdexcept>
 #include <vector>
 
@@ -31,6 +32,9 @@ public:
     token_logprob logprob(const float * logits, llama_token token, int32_t n_top);
 
     bool ignore_eos() const { return ignore_eos_; }
+    // Whether the output text shows this token's text although it is special (a tool-call
+    // format's own tokens, which the answer's parser reads).
+    bool renders(llama_token token) const { return !preserved_.empty() && preserved_.count(token) > 0; }
 
 private:
     friend std::unique_ptr<request_sampler> make_sampler(const model &, const sampling_params &, uint32_t, int32_t);
@@ -43,6 +47,7 @@ private:
     bool    top_k_first_  = false;  // nothing before top-k changes the logits
     bool    ignore_eos_   = false;  // as asked, unless a grammar decides the end
     bool    has_grammar_  = false;
+    std::set<llama_token> preserved_;
     std::vector<llama_token_data> scratch_;  // top-k candidates, reused token after token
 };
 

@@ -477,7 +477,7 @@ finish_reason engine::emit_token(slot & s, llama_token tok, int32_t i_out) {
     }
     if (model_->is_eog(tok) && !t.smpl->ignore_eos()) return FINISH_REASON_STOP;
     t.ev.tokens.push_back(tok);
-    const auto r = t.stops.push(t.utf8.push(common_token_to_piece(model_->vocab(), tok, false)));
+    const auto r = t.stops.push(t.utf8.push(common_token_to_piece(model_->vocab(), tok, t.smpl->renders(tok))));
     t.ev.text += r.text;
     if (r.stopped) {
         t.ev.stop_word = r.stop_word;

@@ -8,6 +8,7 @@
 
 #include "backends.h"
 #include "build-info.h"
+#include "chat_format.h"
 #include "engine.h"
 #include "ggml-backend.h"
 #include "log_sink.h"
@@ -80,7 +81,54 @@ void bind_types(py::module_ & m) {
         .def_readwrite("json_schema", &sampling_params::json_schema)
         .def_readwrite("ignore_eos", &sampling_params::ignore_eos)
         .def_readwrite("logprobs", &sampling_params::logprobs)
-        .def_readwrite("n_probs", &sampling_params::n_probs);
+        .def_readwrite("n_probs", &sampling_params::n_probs)
+        .def_readwrite("tool_grammar", &sampling_params::tool_grammar)
+        .def_readwrite("grammar_lazy", &sampling_params::grammar_lazy)
+        .def_readwrite("grammar_triggers", &sampling_params::grammar_triggers)
+        .def_readwrite("preserved_tokens", &sampling_params::preserved_tokens)
+        .def_readwrite("generation_prompt", &sampling_params::generation_prompt);
+
+    py::class_<chat_render>(m, "ChatRender", "A chat rendered through the model's template (apply_chat).")
+        .def(py::init<>())
+        .def_readonly("prompt", &chat_render::prompt)
+        .def_readonly("grammar", &chat_render::grammar)
+        .def_readonly("grammar_lazy", &chat_render::grammar_lazy)
+        .def_readonly("grammar_triggers", &chat_render::grammar_triggers)
+        .def_readonly("preserved_tokens", &chat_render::preserved_tokens)
+        .def_readonly("additional_stops", &chat_render::additional_stops)
+        .def_readonly("generation_prompt", &chat_render::generation_prompt)
+        .def_readonly("format", &chat_render::format)
+        .def_readonly("format_name", &chat_render::format_name)
+        .def_readonly("supports_thinking", &chat_render::supports_thinking)
+        .def_readonly("parse_tool_calls", &chat_render::parse_tool_calls)
+        .def_readonly("parses", &chat_render::parses);
+
+    py::class_<chat_tool_call>(m, "ChatToolCall")
+        .def_readonly("id", &chat_tool_call::id)
+        .def_readonly("name", &chat_tool_call::name)
+        .def_readonly("arguments", &chat_tool_call::arguments);
+    py::class_<chat_delta>(m, "ChatDelta")
+        .def_readonly("reasoning", &chat_delta::reasoning)
+        .def_readonly("content", &chat_delta::content)
+        .def_readonly("tool_index", &chat_delta::tool_index)
+        .def_readonly("tool_id", &chat_delta::tool_id)
+        .def_readonly("tool_name", &chat_delta::tool_name)
+        .def_readonly("tool_arguments", &chat_delta::tool_arguments);
+    py::class_<chat_message>(m, "ChatMessage")
+        .def_readonly("content", &chat_message::content)
+        .def_readonly("reasoning_content", &chat_message::reasoning_content)
+        .def_readonly("tool_calls", &chat_message::tool_calls);
+    // The text pushed so far is parsed again on each push (as llama.cpp's server does): short
+    // answers take microseconds, and a long one is released from the GIL.
+    py::class_<chat_parser>(m, "ChatParser", "Reads a model's answer into content, reasoning and tool calls.")
+        .def(py::init<const chat_render &>(), py::arg("render"))
+        .def("push", [](chat_parser & p, const std::string & text, bool is_final) {
+            if (p.size() + text.size() <= GIL_HOLD_MAX_BYTES) return p.push(text, is_final);
+            py::gil_scoped_release nogil;
+            return p.push(text, is_final);
+        }, py::arg("text"), py::arg("is_final") = false,
+           "Adds generated text; returns the deltas it makes (is_final: the whole answer is in).")
+        .def_property_readonly("message", &chat_parser::message, py::return_value_policy::copy);
 
     py::class_<speculative_override>(m, "SpeculativeOverride")
         .def(py::init<>())
@@ -287,6 +335,8 @@ void bind_engine(py::module_ & m) {
             for (auto & r : done) {
                 if (r.error) {
                     out.append(py::make_tuple(r.id_job, py::none(), error_object(r.error)));
+                } else if (r.chat) {
+                    out.append(py::make_tuple(r.id_job, py::cast(std::move(*r.chat)), py::none()));
                 } else if (!r.prep.tasks.empty()) {
                     out.append(py::make_tuple(r.id_job, py::cast(std::move(r.prep)), py::none()));
                 } else if (!r.text.empty() || r.tokens.empty()) {
@@ -346,7 +396,14 @@ void bind_engine(py::module_ & m) {
         .def("apply_chat_template", [](const engine & e, const std::string & messages_json, bool add_generation_prompt) {
             py::gil_scoped_release nogil;
             return e.apply_chat_template(messages_json, add_generation_prompt);
-        }, py::arg("messages_json"), py::arg("add_generation_prompt") = true);
+        }, py::arg("messages_json"), py::arg("add_generation_prompt") = true)
+        .def("apply_chat", [](const engine & e, const std::string & inputs_json) {
+            py::gil_scoped_release nogil;
+            return e.apply_chat(inputs_json);
+        }, py::arg("inputs_json"), "A chat with tools and reasoning settings rendered (model::apply_chat).")
+        .def("post_chat", [](engine & e, uint64_t id_job, std::string inputs_json) {
+            e.post_chat(id_job, std::move(inputs_json));
+        }, py::arg("id_job"), py::arg("inputs_json"));
 }
 
 // Hooks for unit tests of the pure parts (scheduler, text), no model needed.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections.abc
 import typing
 from llamabox import _core_testing as testing
-__all__: list[str] = ['ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'ModelInfo', 'NgramMapParams', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'SpeculativeOverride', 'SpeculativeParams', 'TokenLogprob', 'builtin_chat_templates', 'rpc_server', 'speculative_type_names', 'system_info', 'testing']
+__all__: list[str] = ['ChatDelta', 'ChatMessage', 'ChatParser', 'ChatRender', 'ChatToolCall', 'ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'ModelInfo', 'NgramMapParams', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'SpeculativeOverride', 'SpeculativeParams', 'TokenLogprob', 'builtin_chat_templates', 'rpc_server', 'speculative_type_names', 'system_info', 'testing']
 class InvalidRequest(ValueError):
     pass
 class ContextLength(InvalidRequest):
@@ -18,10 +18,13 @@ class QueueFull(RuntimeError):
 class EngineStopped(RuntimeError):
     pass
 class SamplingParams:
+    generation_prompt: str
     grammar: str
+    grammar_lazy: bool
     ignore_eos: bool
     json_schema: str
     logprobs: bool
+    tool_grammar: bool
     def __init__(self) -> None:
         ...
     @property
@@ -29,6 +32,12 @@ class SamplingParams:
         ...
     @frequency_penalty.setter
     def frequency_penalty(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def grammar_triggers(self) -> list[tuple[int, str]]:
+        ...
+    @grammar_triggers.setter
+    def grammar_triggers(self, arg0: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, str]]) -> None:
         ...
     @property
     def logit_bias(self) -> list[tuple[int, float]]:
@@ -53,6 +62,12 @@ class SamplingParams:
         ...
     @presence_penalty.setter
     def presence_penalty(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def preserved_tokens(self) -> list[str]:
+        ...
+    @preserved_tokens.setter
+    def preserved_tokens(self, arg0: collections.abc.Sequence[str]) -> None:
         ...
     @property
     def repeat_last_n(self) -> int:
@@ -95,6 +110,100 @@ class SamplingParams:
         ...
     @typical_p.setter
     def typical_p(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+class ChatRender:
+    """
+    A chat rendered through the model's template (apply_chat).
+    """
+    def __init__(self) -> None:
+        ...
+    @property
+    def additional_stops(self) -> list[str]:
+        ...
+    @property
+    def format(self) -> int:
+        ...
+    @property
+    def format_name(self) -> str:
+        ...
+    @property
+    def generation_prompt(self) -> str:
+        ...
+    @property
+    def grammar(self) -> str:
+        ...
+    @property
+    def grammar_lazy(self) -> bool:
+        ...
+    @property
+    def grammar_triggers(self) -> list[tuple[int, str]]:
+        ...
+    @property
+    def parse_tool_calls(self) -> bool:
+        ...
+    @property
+    def parses(self) -> bool:
+        ...
+    @property
+    def preserved_tokens(self) -> list[str]:
+        ...
+    @property
+    def prompt(self) -> str:
+        ...
+    @property
+    def supports_thinking(self) -> bool:
+        ...
+class ChatToolCall:
+    @property
+    def arguments(self) -> str:
+        ...
+    @property
+    def id(self) -> str:
+        ...
+    @property
+    def name(self) -> str:
+        ...
+class ChatDelta:
+    @property
+    def content(self) -> str:
+        ...
+    @property
+    def reasoning(self) -> str:
+        ...
+    @property
+    def tool_arguments(self) -> str:
+        ...
+    @property
+    def tool_id(self) -> str:
+        ...
+    @property
+    def tool_index(self) -> int:
+        ...
+    @property
+    def tool_name(self) -> str:
+        ...
+class ChatMessage:
+    @property
+    def content(self) -> str:
+        ...
+    @property
+    def reasoning_content(self) -> str:
+        ...
+    @property
+    def tool_calls(self) -> list[ChatToolCall]:
+        ...
+class ChatParser:
+    """
+    Reads a model's answer into content, reasoning and tool calls.
+    """
+    def __init__(self, render: ChatRender) -> None:
+        ...
+    def push(self, text: str, is_final: bool = False) -> list[ChatDelta]:
+        """
+        Adds generated text; returns the deltas it makes (is_final: the whole answer is in).
+        """
+    @property
+    def message(self) -> ChatMessage:
         ...
 class SpeculativeOverride:
     type: str
@@ -562,6 +671,10 @@ class Engine:
         """
         Loads the model and creates the context (blocking; releases the GIL).
         """
+    def apply_chat(self, inputs_json: str) -> ChatRender:
+        """
+        A chat with tools and reasoning settings rendered (model::apply_chat).
+        """
     def apply_chat_template(self, messages_json: str, add_generation_prompt: bool = True) -> str:
         ...
     def cancel(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
@@ -580,6 +693,8 @@ class Engine:
         """
         The results of finished jobs: (id_job, value, error) tuples.
         """
+    def post_chat(self, id_job: typing.SupportsInt | typing.SupportsIndex, inputs_json: str) -> None:
+        ...
     def post_detokenize(self, id_job: typing.SupportsInt | typing.SupportsIndex, tokens: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...
     def post_prepare(self, id_job: typing.SupportsInt | typing.SupportsIndex, request: Request, ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:

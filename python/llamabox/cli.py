@@ -139,6 +139,16 @@ def _choice(*names: str) -> Callable[[str], str]:
     return parse_choice
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError as e:
+        raise ValueError(f"expected a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
 def _text(text: str) -> str:
     return text
 
@@ -289,6 +299,21 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--chat-template-file",), ("LLAMA_ARG_CHAT_TEMPLATE_FILE",), "chat_template_file",
          _path, None, "read the Jinja chat template from FILE", "model", metavar="FILE",
          default_text="the model's"),
+    Flag(("--jinja",), ("LLAMA_ARG_JINJA",), "jinja", None, True,
+         "render chat templates with llama.cpp's Jinja engine, always on (a built-in template "
+         "name uses llama.cpp's own renderer): accepted for llama-server's scripts", "model",
+         action="store_true", default_text="always on"),
+    Flag(("--reasoning-format",), ("LLAMA_ARG_REASONING_FORMAT",), "server.reasoning_format",
+         _choice("none", "auto", "deepseek", "deepseek-legacy"), _SERVER.reasoning_format,
+         "how a model's reasoning section is returned: auto or deepseek: apart from the answer, "
+         "as reasoning_content (in stream deltas too); deepseek-legacy: apart, but left in the "
+         "content of stream deltas; none: left in the content. A request's reasoning_format "
+         "overrides it", "model", metavar="FORMAT"),
+    Flag(("--chat-template-kwargs",), ("LLAMA_CHAT_TEMPLATE_KWARGS",),
+         "server.chat_template_kwargs", _json_object, _SERVER.chat_template_kwargs,
+         "extra variables for the chat template, a JSON object, e.g. "
+         "'{\"enable_thinking\": false}'; a request's chat_template_kwargs are laid over them",
+         "model", metavar="JSON", default_text="none"),
     Flag(("-c", "--ctx-size"), ("LLAMA_ARG_CTX_SIZE",), "engine.n_ctx", _int(lo=0),
          _ENGINE.n_ctx, "context size in tokens, split evenly over the slots; 0 = the model's "
          "training context", "engine", metavar="N"),

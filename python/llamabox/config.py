@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -29,6 +29,11 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     tags: list[str] = []  # --tags: informational, listed with the model in /v1/models
     slot_save_path: str | None = None  # --slot-save-path: where POST /slots/{id} saves slots
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)  # request defaults
+    # --reasoning-format: how a reasoning section is returned (auto/deepseek: apart, as
+    # reasoning_content; none: left in the content); a request's reasoning_format overrides it
+    reasoning_format: Literal["none", "auto", "deepseek", "deepseek-legacy"] = "auto"
+    # --chat-template-kwargs: extra template variables (enable_thinking, ...), under a request's
+    chat_template_kwargs: dict[str, Any] = {}
 
     @property
     def model_name(self) -> str:

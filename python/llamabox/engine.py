@@ -185,6 +185,14 @@ def _native_request(request: GenerateRequest, max_tokens: int) -> _core.Request:
     _set(s, "logit_bias", list(sp.logit_bias.items()), "logit_bias")
     s.grammar = sp.grammar or ""
     s.json_schema = sp.json_schema or ""
+    if sp.tool_grammar is not None:
+        tg = sp.tool_grammar
+        s.grammar = tg.grammar
+        s.tool_grammar = True
+        s.grammar_lazy = tg.lazy
+        s.grammar_triggers = list(tg.triggers)
+        s.preserved_tokens = list(tg.preserved_tokens)
+        s.generation_prompt = tg.generation_prompt
     s.logprobs = sp.logprobs or sp.n_probs > 0
     return req
 
@@ -616,6 +624,23 @@ class Engine:
             add_generation_prompt,
         )
         return prompt
+
+    async def apply_chat(self, inputs: dict[str, Any]) -> _core.ChatRender:
+        """A chat with its tools and reasoning settings through the model's template: the
+        prompt, the tool-call grammar, and what the answer's parser needs. ``inputs``: see
+        ``model::apply_chat`` (csrc/model.h)."""
+        core = self._require()
+        encoded = _json.encode(inputs)
+        render: _core.ChatRender = await self._off_loop(
+            len(encoded) <= INLINE_MAX, core.apply_chat, core.post_chat, encoded.decode()
+        )
+        return render
+
+    def chat_parser(self, render: object) -> _core.ChatParser:
+        """A parser for one answer to a chat rendered by ``apply_chat`` (its ChatRender)."""
+        if not isinstance(render, _core.ChatRender):
+            raise TypeError("chat_parser takes a render of apply_chat")
+        return _core.ChatParser(render)
 
     def fim_tokens(self) -> tuple[int, int, int] | None:
         info = self._require().info

@@ -113,6 +113,17 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     verbose: bool = _ENGINE.verbose  # llama.cpp's own logs
 
 
+class ToolGrammar(msgspec.Struct, kw_only=True):
+    """A chat template's tool-call grammar (``Engine.apply_chat``), in place of ``grammar``:
+    applied from the start, or, when lazy, from the first trigger on."""
+
+    grammar: str
+    lazy: bool = False
+    triggers: list[tuple[int, str]] = []  # (llama.cpp's common_grammar_trigger_type, value)
+    preserved_tokens: list[str] = []  # special tokens of the call format, shown in the text
+    generation_prompt: str = ""  # what the template put after the last message
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Per-request sampling. temperature 0 is greedy."""
 
@@ -129,6 +140,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logit_bias: dict[int, float] = {}  # token id -> bias; -inf bans the token
     grammar: str | None = None  # GBNF
     json_schema: str | None = None  # JSON schema (as JSON text), converted to a grammar
+    tool_grammar: ToolGrammar | None = None  # a chat template's, instead of the two above
     ignore_eos: bool = _SAMPLING.ignore_eos
     n_probs: int = _SAMPLING.n_probs  # top-n alternatives reported per token (needs logprobs)
     logprobs: bool = _SAMPLING.logprobs  # report the log-probability of each sampled token

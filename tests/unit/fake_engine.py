@@ -121,6 +121,19 @@ def failing(text: str, error: BaseException) -> Script:
     return [*reply(text)[:-1], error]
 
 
+class FakeRender(NamedTuple):
+    """A render of the fake template: plain content, no tool-call grammar."""
+
+    prompt: str
+    grammar: str = ""
+    grammar_lazy: bool = False
+    grammar_triggers: list[tuple[int, str]] = []
+    preserved_tokens: list[str] = []
+    additional_stops: list[str] = []
+    generation_prompt: str = ""
+    parses: bool = False
+
+
 class FakeStream:
     """Replays its script; ``cancel()`` before the end marks it cancelled and frees its slot."""
 
@@ -201,6 +214,7 @@ class FakeEngine:
         self.slot_actions: list[tuple[int, str, str]] = []
         self.calls: list[Call] = []
         self.templated: list[list[dict[str, Any]]] = []
+        self.chat_inputs: list[dict[str, Any]] = []  # every apply_chat's inputs
         self.embed_inputs: list[list[Any]] = []
         self.embeddings: list[EmbeddingResult] | None = None
         self.pieces: dict[int, bytes] = {BOS: b"<s>", EOS: b"</s>"}
@@ -335,6 +349,15 @@ class FakeEngine:
         self._maybe_fail("apply_chat_template")
         self.templated.append(copy.deepcopy(messages))
         return rendered(messages, add_generation_prompt)
+
+    async def apply_chat(self, inputs: dict[str, Any]) -> FakeRender:
+        self._maybe_fail("apply_chat_template")
+        self.templated.append(copy.deepcopy(inputs["messages"]))
+        self.chat_inputs.append(copy.deepcopy(inputs))
+        return FakeRender(prompt=rendered(inputs["messages"], inputs["add_generation_prompt"]))
+
+    def chat_parser(self, render: Any) -> Any:
+        raise AssertionError("the fake engine's renders need no parser")
 
     def fim_tokens(self) -> tuple[int, int, int] | None:
         return (FIM_PRE, FIM_SUF, FIM_MID) if self.has_fim else None

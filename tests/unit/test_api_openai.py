@@ -542,10 +542,11 @@ async def test_embeddings_disabled() -> None:
 
 async def test_message_flattening_and_roles() -> None:
     app, engine = make_app()
+    call = {"name": "f", "arguments": '{"x": 1}'}
     messages = [
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "function": call}]},
         {"role": "tool", "content": "42", "tool_call_id": "1", "name": "f"},
     ]
     async with client(app) as c:
@@ -554,7 +555,11 @@ async def test_message_flattening_and_roles() -> None:
     flat: list[dict[str, Any]] = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "a\nb"},
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "1", "type": "function", "function": call}],
+        },
         {"role": "tool", "content": "42", "name": "f", "tool_call_id": "1"},
     ]
     assert engine.templated == [flat]

@@ -189,6 +189,9 @@ ENV_CASES = [
     ("LLAMA_ARG_SPEC_NGRAM_MOD_N_MIN", "4", "engine.speculative.ngram_mod_n_min", 4),
     ("LLAMA_ARG_SPEC_NGRAM_MOD_N_MAX", "32", "engine.speculative.ngram_mod_n_max", 32),
     ("LLAMA_ARG_LOOKUP_NGRAM_MIN", "1", "engine.speculative.types", ["ngram-cache"]),
+    ("LLAMA_ARG_REASONING_FORMAT", "none", "reasoning_format", "none"),
+    ("LLAMA_CHAT_TEMPLATE_KWARGS", '{"enable_thinking": false}', "chat_template_kwargs",
+     {"enable_thinking": False}),
 ]  # fmt: skip
 
 
@@ -206,7 +209,7 @@ def test_every_env_var_is_read() -> None:
                 "LLAMA_ARG_JSON_SCHEMA_FILE", "LLAMA_ARG_TYPICAL", "LLAMA_ARG_REPEAT_LAST_N",
                 "LLAMA_ARG_NO_SWA_FULL",
                 # accepted only at their defaults: test_llama_servers_spellings
-                "LLAMA_ARG_CONT_BATCHING", "LLAMA_ARG_CONTEXT_SHIFT",
+                "LLAMA_ARG_CONT_BATCHING", "LLAMA_ARG_CONTEXT_SHIFT", "LLAMA_ARG_JINJA",
                 "LLAMA_ARG_SLOT_SAVE_PATH",  # a directory: test_slot_save_path
                 # files: test_speculative_files
                 "LLAMA_ARG_MODEL_DRAFT", "LLAMA_ARG_SPEC_DRAFT_MODEL",

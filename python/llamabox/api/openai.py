@@ -10,6 +10,7 @@ import msgspec
 import numpy as np
 
 from llamabox.api import sse
+from llamabox.api.chat_setup import AnswerReader, setup_chat
 from llamabox.api.errors import APIError
 from llamabox.api.http import Request, Response, Route, StreamResponse, json_response, new_id
 from llamabox.api.protocol import (
@@ -49,7 +50,6 @@ from llamabox.api.serving import (
     merge,
     message_dicts,
     prompt_list,
-    render_chat,
     submit,
     timings,
     usage_info,
@@ -127,7 +127,6 @@ def _chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
 async def chat_completions(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_chat_request)
     check_n(state, body.n)
-    prompt = await render_chat(state, message_dicts(body.messages))
     template = await generate_template(
         state,
         body,
@@ -138,23 +137,41 @@ async def chat_completions(req: Request, state: AppState) -> Response | StreamRe
         logprobs=body.logprobs,
         n_probs=body.top_logprobs,
     )
-    streams = await submit(state, [prompt], template, body.n, headers=req.headers)
+    chat = await setup_chat(
+        state,
+        body,
+        message_dicts(body.messages),
+        template.sampling,
+        request_grammar=body.grammar is not None,
+    )
+    template = msgspec.structs.replace(
+        template, sampling=chat.sampling, stop=[*template.stop, *chat.stops]
+    )
+    streams = await submit(state, [chat.prompt], template, body.n, headers=req.headers)
     stamp = _Stamp(state, "chatcmpl")
     with_logprobs = template.sampling.logprobs
+    readers = [chat.reader(state) for _ in streams]
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = _chat_events(stamp, streams, with_logprobs, include_usage)
+        events = _chat_events(stamp, streams, readers, with_logprobs, include_usage)
         return StreamResponse(sse.stream(events), sse.CONTENT_TYPE)
     results = await collect_all(streams)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(r.text),
-            logprobs=_chat_logprobs(r.logprobs) if with_logprobs else None,
-            finish_reason=r.finish_reason,
+    choices = []
+    for i, (r, reader) in enumerate(zip(results, readers, strict=True)):
+        message = AssistantMessage(content=r.text)
+        reason = r.finish_reason
+        if reader is not None:
+            reader.push(r.text, final=True)
+            message = reader.message()
+            reason = reader.finish_reason(reason)
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=message,
+                logprobs=_chat_logprobs(r.logprobs) if with_logprobs else None,
+                finish_reason=reason,
+            )
         )
-        for i, r in enumerate(results)
-    ]
     return json_response(
         ChatCompletion(
             id=stamp.id,
@@ -179,7 +196,11 @@ def _chat_chunk(stamp: _Stamp, choices: list[ChatChunkChoice]) -> ChatCompletion
 
 
 async def _chat_events(
-    stamp: _Stamp, streams: list[RequestStreamLike], with_logprobs: bool, include_usage: bool
+    stamp: _Stamp,
+    streams: list[RequestStreamLike],
+    readers: list[AnswerReader | None],
+    with_logprobs: bool,
+    include_usage: bool,
 ) -> AsyncIterator[bytes]:
     usages = [Usage() for _ in streams]
     async with merge(streams) as outputs:
@@ -187,14 +208,26 @@ async def _chat_events(
             first = ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
             yield _encoder.encode(_chat_chunk(stamp, [first]))
         async for i, out in outputs:
-            if out.text or (with_logprobs and out.logprobs):
-                logprobs = _chat_logprobs(out.logprobs or []) if with_logprobs else None
-                delta = Delta(content=out.text)
-                choice = ChatChunkChoice(index=i, delta=delta, logprobs=logprobs)
+            done = out.finish_reason is not None
+            reader = readers[i]
+            logprobs = _chat_logprobs(out.logprobs or []) if with_logprobs else None
+            if reader is None:
+                deltas = [Delta(content=out.text)] if out.text else []
+            else:
+                deltas = reader.push(out.text, final=done)
+            if logprobs is not None and out.logprobs and not deltas:
+                deltas = [Delta(content="")]
+            for k, delta in enumerate(deltas):
+                choice = ChatChunkChoice(
+                    index=i, delta=delta, logprobs=logprobs if k == 0 else None
+                )
                 yield _encoder.encode(_chat_chunk(stamp, [choice]))
-            if out.finish_reason is not None:
+            if done:
                 usages[i] = out.usage or usages[i]
-                last = ChatChunkChoice(index=i, delta=Delta(), finish_reason=finish_reason(out))
+                reason = finish_reason(out)
+                if reader is not None:
+                    reason = reader.finish_reason(reason)
+                last = ChatChunkChoice(index=i, delta=Delta(), finish_reason=reason)
                 chunk = _chat_chunk(stamp, [last])
                 chunk.timings = timings(usages[i])
                 yield _encoder.encode(chunk)

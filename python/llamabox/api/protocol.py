@@ -37,7 +37,7 @@ Bias = Float32 | bool
 LogitBias = dict[str, Bias] | list[tuple[int | str, Bias]]
 # A prompt or embedding input: text, texts, tokens, or token lists.
 PromptInput = str | list[str | int | list[int]]
-Role = Literal["system", "developer", "user", "assistant", "tool"]
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
 class TextPart(Struct, tag_field="type", tag="text"):
@@ -56,12 +56,56 @@ class ImagePart(Struct, tag_field="type", tag="image_url"):
 ContentPart = TextPart | ImagePart
 
 
+class InputFunctionCall(Struct, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+    arguments: str | dict[str, Any] = "{}"  # JSON text (OpenAI), or the object itself
+
+
+class InputToolCall(Struct, kw_only=True):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: InputFunctionCall
+
+
 class ChatMessage(Struct, kw_only=True):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[InputToolCall] | None = None
+    function_call: InputFunctionCall | None = None  # legacy
+    reasoning_content: str | None = None  # an earlier answer's, for templates that show it
+
+
+ToolName = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class FunctionDef(Struct, kw_only=True):
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None
+
+
+class Tool(Struct, kw_only=True):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionName(Struct):
+    name: ToolName
+
+
+class NamedToolChoice(Struct, kw_only=True):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+FunctionCallChoice = Literal["none", "auto"] | FunctionName  # the legacy ``function_call``
+ReasoningFormat = Literal["none", "auto", "deepseek", "deepseek-legacy"]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+TOOLS_MAX = 128
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -149,7 +193,20 @@ class OpenAIGenerationFields(SamplingFields, kw_only=True):
     user: str | None = None
 
 
-class ChatCompletionRequest(OpenAIGenerationFields, kw_only=True):
+class ChatFields(OpenAIGenerationFields, kw_only=True):
+    """Tools and reasoning: what the chat template renders besides the messages."""
+
+    tools: Annotated[list[Tool], Meta(max_length=TOOLS_MAX)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: Annotated[list[FunctionDef], Meta(max_length=TOOLS_MAX)] | None = None  # legacy
+    function_call: FunctionCallChoice | None = None  # legacy
+    reasoning_effort: ReasoningEffort | None = None
+    reasoning_format: ReasoningFormat | None = None  # llama.cpp's; the server's --reasoning-format
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(ChatFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
@@ -254,9 +311,23 @@ class ChatLogprobs(Struct):
     refusal: None = None
 
 
-class AssistantMessage(Struct):
-    content: str
+class FunctionCall(Struct):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(Struct, kw_only=True):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(Struct, kw_only=True):
+    content: str | None
     role: str = "assistant"
+    reasoning_content: str | UnsetType = UNSET
+    tool_calls: list[ToolCall] | UnsetType = UNSET
+    function_call: FunctionCall | UnsetType = UNSET  # the answer to legacy ``functions``
 
 
 class ChatChoice(Struct):
@@ -277,9 +348,24 @@ class ChatCompletion(Struct, kw_only=True):
     timings: Timings | UnsetType = UNSET
 
 
+class FunctionCallDelta(Struct, kw_only=True):
+    name: str | UnsetType = UNSET
+    arguments: str = ""
+
+
+class ToolCallDelta(Struct, kw_only=True):
+    index: int
+    id: str | UnsetType = UNSET
+    type: str | UnsetType = UNSET
+    function: FunctionCallDelta
+
+
 class Delta(Struct, kw_only=True):
     role: str | UnsetType = UNSET
-    content: str | UnsetType = UNSET
+    content: str | None | UnsetType = UNSET
+    reasoning_content: str | UnsetType = UNSET
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
+    function_call: FunctionCallDelta | UnsetType = UNSET
 
 
 class ChatChunkChoice(Struct, kw_only=True):

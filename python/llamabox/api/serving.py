@@ -49,7 +49,8 @@ ANY_JSON_OBJECT = '{"type": "object"}'
 
 def message_dicts(messages: Iterable[ChatMessage]) -> list[dict[str, Any]]:
     """OpenAI messages as the engine's template renderer takes them: text content, the text
-    parts of a message joined by newlines."""
+    parts of a message joined by newlines; the legacy ``function`` role and ``function_call``
+    as a tool message and a tool call."""
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         entry = msgspec.to_builtins(message)
@@ -64,11 +65,18 @@ def message_dicts(messages: Iterable[ChatMessage]) -> list[dict[str, Any]]:
                     )
                 texts.append(part.text)
             entry["content"] = "\n".join(texts)
-        elif content is None:
+        elif content is None and not (message.tool_calls or message.function_call):
             entry["content"] = ""
         if message.role == "developer":  # templates know "system"
             entry["role"] = "system"
-        out.append({k: v for k, v in entry.items() if v is not None})
+        elif message.role == "function":  # legacy: a function's result
+            entry["role"] = "tool"
+            entry.setdefault("tool_call_id", message.name)
+        if message.function_call is not None and not message.tool_calls:
+            call = msgspec.to_builtins(message.function_call)
+            entry["tool_calls"] = [{"id": call["name"], "type": "function", "function": call}]
+        entry.pop("function_call", None)
+        out.append({k: v for k, v in entry.items() if v is not None or k == "content"})
     return out
 
 

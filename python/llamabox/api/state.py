@@ -18,7 +18,14 @@ from llamabox.types import (
     ModelInfo,
 )
 
-__all__ = ["AppState", "EngineLike", "RequestStreamLike", "VERSION"]
+__all__ = [
+    "AppState",
+    "ChatParserLike",
+    "ChatRenderLike",
+    "EngineLike",
+    "RequestStreamLike",
+    "VERSION",
+]
 
 
 VERSION = installed_version("0.0.0+local")
@@ -36,6 +43,69 @@ class RequestStreamLike(Protocol):
     def keep_outputs(self) -> None:
         """From now on, outputs the reader has not taken are kept apart, not merged."""
         ...
+
+
+class ChatRenderLike(Protocol):
+    """A chat rendered through the template (``_core.ChatRender``)."""
+
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def grammar(self) -> str: ...
+    @property
+    def grammar_lazy(self) -> bool: ...
+    @property
+    def grammar_triggers(self) -> list[tuple[int, str]]: ...
+    @property
+    def preserved_tokens(self) -> list[str]: ...
+    @property
+    def additional_stops(self) -> list[str]: ...
+    @property
+    def generation_prompt(self) -> str: ...
+    @property
+    def parses(self) -> bool: ...
+
+
+class ChatDeltaLike(Protocol):
+    @property
+    def reasoning(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def tool_index(self) -> int: ...
+    @property
+    def tool_id(self) -> str: ...
+    @property
+    def tool_name(self) -> str: ...
+    @property
+    def tool_arguments(self) -> str: ...
+
+
+class ChatToolCallLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def arguments(self) -> str: ...
+
+
+class ChatMessageLike(Protocol):
+    @property
+    def content(self) -> str: ...
+    @property
+    def reasoning_content(self) -> str: ...
+    @property
+    def tool_calls(self) -> Sequence[ChatToolCallLike]: ...
+
+
+class ChatParserLike(Protocol):
+    """Reads an answer into content, reasoning and tool calls (``_core.ChatParser``)."""
+
+    def push(self, text: str, is_final: bool = False) -> Sequence[ChatDeltaLike]: ...
+
+    @property
+    def message(self) -> ChatMessageLike: ...
 
 
 class EngineLike(Protocol):
@@ -78,6 +148,10 @@ class EngineLike(Protocol):
     async def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str: ...
+
+    async def apply_chat(self, inputs: dict[str, Any]) -> ChatRenderLike: ...
+
+    def chat_parser(self, render: object) -> ChatParserLike: ...
 
     def fim_tokens(self) -> tuple[int, int, int] | None: ...
 
