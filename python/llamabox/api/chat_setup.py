@@ -12,8 +12,10 @@ from typing import Any
 
 import msgspec
 
+from llamabox.api.http import Request
 from llamabox.api.protocol import (
     AssistantMessage,
+    ChatCompletionRequest,
     ChatFields,
     Delta,
     FunctionCall,
@@ -25,10 +27,17 @@ from llamabox.api.protocol import (
     ToolCall,
     ToolCallDelta,
 )
-from llamabox.api.state import AppState, ChatParserLike, ChatRenderLike
-from llamabox.types import InvalidRequestError, SamplingParams, ToolGrammar
+from llamabox.api.serving import (
+    check_n,
+    generate_template,
+    max_tokens_from,
+    message_dicts,
+    submit,
+)
+from llamabox.api.state import AppState, ChatParserLike, ChatRenderLike, RequestStreamLike
+from llamabox.types import GenerateRequest, InvalidRequestError, SamplingParams, ToolGrammar
 
-__all__ = ["AnswerReader", "ChatSetup", "setup_chat"]
+__all__ = ["AnswerReader", "ChatSetup", "answer_deltas", "setup_chat", "start_chat"]
 
 
 class ChatSetup:
@@ -215,3 +224,40 @@ class AnswerReader:
         elif calls:
             out.tool_calls = calls
         return out
+
+
+async def start_chat(
+    req: Request, state: AppState, body: ChatCompletionRequest
+) -> tuple[list[RequestStreamLike], list[AnswerReader | None], GenerateRequest]:
+    """A chat request submitted: its ``n`` streams, a reader for each (None: plain content),
+    and the request they were made from. The Responses and Messages APIs come here too."""
+    check_n(state, body.n)
+    template = await generate_template(
+        state,
+        body,
+        req.request_id,
+        max_tokens=max_tokens_from(
+            ("max_completion_tokens", body.max_completion_tokens), ("max_tokens", body.max_tokens)
+        ),
+        logprobs=body.logprobs,
+        n_probs=body.top_logprobs,
+    )
+    chat = await setup_chat(
+        state,
+        body,
+        message_dicts(body.messages),
+        template.sampling,
+        request_grammar=body.grammar is not None,
+    )
+    template = msgspec.structs.replace(
+        template, sampling=chat.sampling, stop=[*template.stop, *chat.stops]
+    )
+    streams = await submit(state, [chat.prompt], template, body.n, headers=req.headers)
+    return streams, [chat.reader(state) for _ in streams], template
+
+
+def answer_deltas(reader: AnswerReader | None, text: str, final: bool) -> list[Delta]:
+    """What one engine output adds to an answer: through the reader, or as plain content."""
+    if reader is not None:
+        return reader.push(text, final)
+    return [Delta(content=text)] if text else []

@@ -10,7 +10,7 @@ import msgspec
 import numpy as np
 
 from llamabox.api import sse
-from llamabox.api.chat_setup import AnswerReader, setup_chat
+from llamabox.api.chat_setup import AnswerReader, start_chat
 from llamabox.api.errors import APIError
 from llamabox.api.http import Request, Response, Route, StreamResponse, json_response, new_id
 from llamabox.api.protocol import (
@@ -48,7 +48,6 @@ from llamabox.api.serving import (
     infill_tokens,
     max_tokens_from,
     merge,
-    message_dicts,
     prompt_list,
     submit,
     timings,
@@ -126,31 +125,9 @@ def _chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
 
 async def chat_completions(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_chat_request)
-    check_n(state, body.n)
-    template = await generate_template(
-        state,
-        body,
-        req.request_id,
-        max_tokens=max_tokens_from(
-            ("max_completion_tokens", body.max_completion_tokens), ("max_tokens", body.max_tokens)
-        ),
-        logprobs=body.logprobs,
-        n_probs=body.top_logprobs,
-    )
-    chat = await setup_chat(
-        state,
-        body,
-        message_dicts(body.messages),
-        template.sampling,
-        request_grammar=body.grammar is not None,
-    )
-    template = msgspec.structs.replace(
-        template, sampling=chat.sampling, stop=[*template.stop, *chat.stops]
-    )
-    streams = await submit(state, [chat.prompt], template, body.n, headers=req.headers)
+    streams, readers, template = await start_chat(req, state, body)
     stamp = _Stamp(state, "chatcmpl")
     with_logprobs = template.sampling.logprobs
-    readers = [chat.reader(state) for _ in streams]
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _chat_events(stamp, streams, readers, with_logprobs, include_usage)

@@ -7,11 +7,11 @@ exception raised by the event source after the headers went out becomes a last
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from llamabox.api.errors import error_body, from_exception
 
-__all__ = ["DONE", "CONTENT_TYPE", "event", "stream"]
+__all__ = ["DONE", "CONTENT_TYPE", "event", "named_stream", "stream"]
 
 CONTENT_TYPE = "text/event-stream"
 DONE = b"data: [DONE]\n\n"
@@ -37,3 +37,20 @@ async def stream(
             await aclose()
     if done:
         yield DONE
+
+
+async def named_stream(
+    events: AsyncIterator[tuple[str, bytes]],
+    error_payload: Callable[[bytes], bytes] = lambda body: body,
+) -> AsyncGenerator[bytes, None]:
+    """Frame ``(name, JSON payload)`` pairs; a failure ends the stream with an ``error`` event
+    whose payload is ``error_payload`` of the OpenAI error body."""
+    try:
+        async for name, payload in events:
+            yield b"event: " + name.encode() + b"\n" + event(payload)
+    except Exception as exc:  # every failure becomes the stream's error event
+        yield b"event: error\n" + event(error_payload(error_body(from_exception(exc))))
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
