@@ -29,6 +29,18 @@ OLLAMA = {"prompt": "Hello", "stream": False, "options": {"num_predict": 4}}
 OLLAMA_CHAT = {"messages": M, "stream": False, "options": {"num_predict": 4}}
 GENERATE = ("/v1/chat/completions", "/v1/completions", "/completion", "/api/generate")
 
+TOOL: dict[str, Any] = {"type": "function", "function": {"name": "f", "parameters": {}}}
+TOOL_USE = {"type": "tool_use", "id": "1", "name": "f", "input": {}}
+
+
+def NAMED(name: str) -> dict[str, Any]:  # noqa: N802 (read as a constant in the table)
+    return {"type": "function", "function": {"name": name}}
+
+
+def USER_BLOCK(block: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+    return {"role": "user", "content": [block]}
+
+
 Body = dict[str, Any] | list[Any] | str | bytes
 Case = tuple[str, Body]
 
@@ -432,6 +444,63 @@ BAD: list[Case] = [
     ("/slots/-1?action=erase", {}),
     ("/slots/0?action=save", b"{oops"),
     ("/slots/0?action=save", {"filename": 5}),
+    # -- tools and reasoning on chat (this model's template is llama.cpp's built-in fallback)
+    ("/v1/chat/completions", {**CHAT, "tools": "x"}),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": ""}}]}),
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL] * 500}),
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "tool_choice": "always"}),
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "tool_choice": {"type": "function"}}),
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "tool_choice": NAMED("other")}),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}),
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "grammar": 'root ::= "a"'}),
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "functions": [TOOL["function"]]}),
+    ("/v1/chat/completions", {**CHAT, "functions": [TOOL["function"]], "function_call": "x"}),
+    ("/v1/chat/completions", {**CHAT, "parallel_tool_calls": "yes"}),
+    ("/v1/chat/completions", {**CHAT, "reasoning_effort": "extreme"}),
+    ("/v1/chat/completions", {**CHAT, "reasoning_format": "verbose"}),
+    ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": [1]}),
+    ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"enable_thinking": "no"}}),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x", "tool_calls": [5]}]}),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "assistant", "function_call": {"name": "f", "arguments": 5}}]},
+    ),
+    # -- Responses
+    ("/v1/responses", {}),
+    ("/v1/responses", {"input": 5}),
+    ("/v1/responses", {"input": []}),
+    ("/v1/responses", {"input": [5]}),
+    ("/v1/responses", {"input": [{"type": "nope"}]}),
+    ("/v1/responses", {"input": [{"role": "robot", "content": "x"}]}),
+    ("/v1/responses", {"input": [{"type": "function_call", "call_id": "1"}]}),
+    ("/v1/responses", {"input": [{"type": "function_call_output", "output": "x"}]}),
+    ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
+    ("/v1/responses", {"input": "x", "tools": [{"type": "web_search"}]}),
+    ("/v1/responses", {"input": "x", "previous_response_id": "resp_1"}),
+    ("/v1/responses", {"input": "x", "max_output_tokens": -5}),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "yaml"}}}),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_schema", "schema": 5}}}),
+    ("/v1/responses", {"input": "x", "reasoning": {"effort": "max"}}),
+    ("/v1/responses", {"input": "x", "stream": "yes"}),
+    ("/v1/responses", b"{oops"),
+    # -- Messages
+    ("/v1/messages", {"messages": M}),
+    ("/v1/messages", {"max_tokens": 0, "messages": M}),
+    ("/v1/messages", {"max_tokens": 4, "messages": []}),
+    ("/v1/messages", {"max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}),
+    ("/v1/messages", {"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "x"}]}]}),
+    ("/v1/messages", {"max_tokens": 4, "messages": [USER_BLOCK({"type": "image", "source": {}})]}),
+    ("/v1/messages", {"max_tokens": 4, "messages": [USER_BLOCK(TOOL_USE)]}),
+    ("/v1/messages", {"max_tokens": 4, "messages": M, "tools": [{"name": "t", "type": "bash_1"}]}),
+    ("/v1/messages", {"max_tokens": 4, "messages": M, "tool_choice": {"type": "tool"}}),
+    ("/v1/messages", {"max_tokens": 4, "messages": M, "tool_choice": {"type": "maybe"}}),
+    ("/v1/messages", {"max_tokens": 4, "messages": M, "thinking": {"type": "lots"}}),
+    ("/v1/messages", {"max_tokens": 4, "messages": M, "stop_sequences": "x"}),
+    ("/v1/messages", {"max_tokens": 4, "messages": M, "system": 5}),
+    ("/v1/messages/count_tokens", {}),
+    ("/v1/messages/count_tokens", {"messages": "x"}),
+    ("/v1/messages", b"[1, 2"),
 ]
 
 # Edge cases that are fine (they once took the server down or answered 500): they must work.

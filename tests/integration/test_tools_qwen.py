@@ -100,3 +100,60 @@ def test_tool_loop(qwen: ServerProcess, stream: bool) -> None:
     assert answer.finish_reason == "stop"
     assert answer.message.tool_calls is None
     assert answer.message.content and answer.message.content.strip()
+
+
+def test_responses_tool_loop(qwen: ServerProcess) -> None:
+    tools: Any = [{"type": "function", **TOOLS[0]["function"]}]
+    with qwen.openai() as client:
+        first = client.responses.create(
+            model="qwen", input=MESSAGES[1]["content"], instructions=MESSAGES[0]["content"],
+            tools=tools, tool_choice="required", extra_body={"temperature": 0},
+        )  # fmt: skip
+        [call] = first.output
+        assert call.type == "function_call" and call.name == "get_weather"
+        items: Any = [
+            {"role": "user", "content": MESSAGES[1]["content"]},
+            call.model_dump(exclude_none=True),
+            {"type": "function_call_output", "call_id": call.call_id, "output": RESULT},
+        ]
+        with client.responses.stream(
+            model="qwen", input=items, tools=tools, max_output_tokens=200,
+            extra_body={"temperature": 0},
+        ) as stream:  # fmt: skip
+            final = stream.get_final_response()
+    assert final.status == "completed"
+    assert final.output_text.strip()
+
+
+def test_messages_tool_loop(qwen: ServerProcess) -> None:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=qwen.base_url, api_key="none", max_retries=0)
+    tools: Any = [
+        {"name": t["function"]["name"], "description": t["function"]["description"],
+         "input_schema": t["function"]["parameters"]}
+        for t in TOOLS
+    ]  # fmt: skip
+    ask: Any = {"role": "user", "content": MESSAGES[1]["content"]}
+    with client.messages.stream(
+        model="qwen", max_tokens=200, system=MESSAGES[0]["content"], messages=[ask],
+        tools=tools, tool_choice={"type": "any"}, extra_body={"temperature": 0},
+    ) as stream:  # fmt: skip
+        first = stream.get_final_message()
+    assert first.stop_reason == "tool_use"
+    use = first.content[-1]
+    assert use.type == "tool_use" and use.name == "get_weather"
+    assert isinstance(use.input, dict) and use.input.get("city")
+    turns: Any = [
+        ask,
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": use.id, "content": RESULT}],
+        },
+    ]
+    final = client.messages.create(
+        model="qwen", max_tokens=200, messages=turns, tools=tools, extra_body={"temperature": 0}
+    )
+    assert final.stop_reason in {"end_turn", "tool_use"}
+    assert final.content

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from llamabox.api import metrics, native, ollama, openai, responses, slot_files
+from llamabox.api import messages, metrics, native, ollama, openai, responses, slot_files
 from llamabox.api.errors import APIError, error_body, from_exception, ollama_body
 from llamabox.api.http import (
     ClientDisconnected,
@@ -69,6 +69,7 @@ class LlamaboxApp:
                 *slot_files.routes(),
                 *openai.routes(),
                 *responses.routes(),
+                *messages.routes(),
                 *ollama.routes(),
             ]
         )

@@ -37,7 +37,14 @@ from llamabox.api.serving import (
 from llamabox.api.state import AppState, ChatParserLike, ChatRenderLike, RequestStreamLike
 from llamabox.types import GenerateRequest, InvalidRequestError, SamplingParams, ToolGrammar
 
-__all__ = ["AnswerReader", "ChatSetup", "answer_deltas", "setup_chat", "start_chat"]
+__all__ = [
+    "AnswerReader",
+    "ChatSetup",
+    "answer_deltas",
+    "prepare_chat",
+    "setup_chat",
+    "start_chat",
+]
 
 
 class ChatSetup:
@@ -226,11 +233,10 @@ class AnswerReader:
         return out
 
 
-async def start_chat(
+async def prepare_chat(
     req: Request, state: AppState, body: ChatCompletionRequest
-) -> tuple[list[RequestStreamLike], list[AnswerReader | None], GenerateRequest]:
-    """A chat request submitted: its ``n`` streams, a reader for each (None: plain content),
-    and the request they were made from. The Responses and Messages APIs come here too."""
+) -> tuple[ChatSetup, GenerateRequest]:
+    """A chat request rendered, and the generation request it makes (not submitted)."""
     check_n(state, body.n)
     template = await generate_template(
         state,
@@ -250,8 +256,17 @@ async def start_chat(
         request_grammar=body.grammar is not None,
     )
     template = msgspec.structs.replace(
-        template, sampling=chat.sampling, stop=[*template.stop, *chat.stops]
+        template, prompt=chat.prompt, sampling=chat.sampling, stop=[*template.stop, *chat.stops]
     )
+    return chat, template
+
+
+async def start_chat(
+    req: Request, state: AppState, body: ChatCompletionRequest
+) -> tuple[list[RequestStreamLike], list[AnswerReader | None], GenerateRequest]:
+    """A chat request submitted: its ``n`` streams, a reader for each (None: plain content),
+    and the request they were made from. The Responses and Messages APIs come here too."""
+    chat, template = await prepare_chat(req, state, body)
     streams = await submit(state, [chat.prompt], template, body.n, headers=req.headers)
     return streams, [chat.reader(state) for _ in streams], template
 
