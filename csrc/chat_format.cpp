@@ -21,19 +21,16 @@ std::string extension(const std::string & sent, const std::string & now) {
     return now.substr(sent.size());
 }
 
-}  // namespace
-
-std::string require_call_grammar(const std::string & grammar) {
-    // llama.cpp's root rule ends in "<free text>? <the calls>": the free text is dropped.
-    static const std::regex text_before_calls(R"(\s+until-[0-9]+\?(\s+tool-calls?)\s*$)");
+// The grammar with the first rule (line) that `rule` matches rewritten to `replacement`; the
+// grammar as it is when no rule matches.
+std::string rewrite_rule(const std::string & grammar, const std::regex & rule, const char * replacement) {
     std::istringstream in(grammar);
     std::string out, line;
     bool changed = false;
     while (std::getline(in, line)) {
-        if (!changed && line.rfind("root ::=", 0) == 0) {
-            std::string rewritten = std::regex_replace(line, text_before_calls, "$1");
-            changed = rewritten != line;
-            line = std::move(rewritten);
+        if (!changed && std::regex_search(line, rule)) {
+            line    = std::regex_replace(line, rule, replacement);
+            changed = true;
         }
         out += line;
         out += '\n';
@@ -41,20 +38,17 @@ std::string require_call_grammar(const std::string & grammar) {
     return changed ? out : grammar;
 }
 
+}  // namespace
+
+std::string require_call_grammar(const std::string & grammar) {
+    // llama.cpp's root rule ends in "<free text>? <the calls>": the free text is dropped.
+    static const std::regex text_before_calls(R"(^(root ::= .*?)\s+until-[0-9]+\?(\s+tool-calls?)\s*$)");
+    return rewrite_rule(grammar, text_before_calls, "$1$2");
+}
+
 std::string single_call_grammar(const std::string & grammar) {
     static const std::regex repeated_calls(R"(^tool-calls ::= \(tool-call space\)\+\s*$)");
-    std::istringstream in(grammar);
-    std::string out, line;
-    bool changed = false;
-    while (std::getline(in, line)) {
-        if (!changed && std::regex_match(line, repeated_calls)) {
-            line    = "tool-calls ::= tool-call space";
-            changed = true;
-        }
-        out += line;
-        out += '\n';
-    }
-    return changed ? out : grammar;
+    return rewrite_rule(grammar, repeated_calls, "tool-calls ::= tool-call space");
 }
 
 chat_parser::chat_parser(const chat_render & render) : rng_(std::random_device{}()) {

@@ -20,22 +20,11 @@ import pytest_asyncio
 
 from llamabox.engine import Engine
 from llamabox.types import EngineConfig, InvalidRequestError
-from tests.fixtures import TEMPLATES_DIR, VOCAB_GPT2, make_tiny_llama
+from tests.fixtures.chat import WEATHER_TOOL, family_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"unit": {"type": "string", "enum": ["c", "f"]}},
-            "required": ["unit"],
-        },
-    },
-}
+WEATHER = WEATHER_TOOL
 USER = [{"role": "user", "content": "Weather in Paris?"}]
 
 # family: (template file, an answer calling get_weather(unit="c"), its reasoning, its content)
@@ -90,11 +79,6 @@ ANSWERS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
-def family_model(tmp: Path, family: str) -> Path:
-    template = (TEMPLATES_DIR / ANSWERS[family][0]).read_text()
-    return make_tiny_llama(tmp / f"{family}.gguf", vocab_gguf=VOCAB_GPT2, chat_template=template)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def engines(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[str, Engine]]:
     tmp = tmp_path_factory.mktemp("families")
@@ -102,7 +86,11 @@ async def engines(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dic
     try:
         for family in ANSWERS:
             engine = Engine(
-                EngineConfig(model=str(family_model(tmp, family)), n_ctx=1024, n_parallel=1)
+                EngineConfig(
+                    model=str(family_model(tmp / f"{family}.gguf", ANSWERS[family][0])),
+                    n_ctx=1024,
+                    n_parallel=1,
+                )
             )
             await engine.start()
             out[family] = engine

@@ -12,16 +12,12 @@ from typing import Any
 import anthropic
 import pytest
 
-from tests.fixtures import TEMPLATES_DIR, VOCAB_GPT2, make_tiny_llama
+from tests.fixtures.chat import UNIT_SCHEMA, family_model
 from tests.integration.server_fixtures import ServerProcess, start_server
 
 pytestmark = pytest.mark.integration
 
-SCHEMA = {
-    "type": "object",
-    "properties": {"unit": {"type": "string", "enum": ["c", "f"]}},
-    "required": ["unit"],
-}
+SCHEMA = UNIT_SCHEMA
 RESPONSES_TOOLS: Any = [{"type": "function", "name": "get_weather", "parameters": SCHEMA}]
 ANTHROPIC_TOOLS: Any = [{"name": "get_weather", "input_schema": SCHEMA}]
 GREEDY = {"temperature": 0}
@@ -29,12 +25,8 @@ GREEDY = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    template = (TEMPLATES_DIR / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()
-    model = make_tiny_llama(
-        tmp_path_factory.mktemp("agents") / "qwen-template.gguf",
-        vocab_gguf=VOCAB_GPT2,
-        chat_template=template,
-    )
+    path = tmp_path_factory.mktemp("agents") / "qwen-template.gguf"
+    model = family_model(path, "Qwen-Qwen2.5-7B-Instruct.jinja")
     with start_server(model, "-np", "2", "-c", "4096", "-a", "tiny") as s:
         yield s
 

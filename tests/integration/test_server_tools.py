@@ -18,23 +18,12 @@ from typing import Any
 import openai
 import pytest
 
-from tests.fixtures import TEMPLATES_DIR, VOCAB_GPT2, make_tiny_llama
+from tests.fixtures.chat import WEATHER_TOOL, family_model
 from tests.integration.server_fixtures import ServerProcess, start_server
 
 pytestmark = pytest.mark.integration
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"unit": {"type": "string", "enum": ["c", "f"]}},
-            "required": ["unit"],
-        },
-    },
-}
+WEATHER = WEATHER_TOOL
 CLOCK = {
     "type": "function",
     "function": {
@@ -61,11 +50,7 @@ def server(
 ) -> Iterator[ServerProcess]:
     family: str = request.param
     template, flags = FAMILIES[family]
-    model = make_tiny_llama(
-        tmp_path_factory.mktemp("tools") / f"{family}.gguf",
-        vocab_gguf=VOCAB_GPT2,
-        chat_template=(TEMPLATES_DIR / template).read_text(),
-    )
+    model = family_model(tmp_path_factory.mktemp("tools") / f"{family}.gguf", template)
     with start_server(model, "-np", "2", "-c", "4096", "-a", "tiny", *flags) as s:
         yield s
 
