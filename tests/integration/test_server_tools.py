@@ -173,3 +173,19 @@ def test_builtin_template_refuses_tools(tiny_model_path: Path) -> None:
         with s.openai() as client, pytest.raises(openai.BadRequestError) as e:
             ask(client, model="x")
     assert "template" in str(e.value.body)
+
+
+def test_ollama_chat_takes_tools_and_tool_turns(server: ServerProcess) -> None:
+    """Ollama's calls carry no ids; the server gives them ones every template takes back."""
+    messages = [
+        *USER,
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"unit": "c"}}}]},
+        {"role": "tool", "content": "22 degrees", "tool_name": "get_weather"},
+    ]  # fmt: skip
+    body = {"messages": messages, "tools": TOOLS, "stream": False, "options": {"num_predict": 4}}
+    with server.http() as http:
+        r = http.post("/api/chat", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["done"] is True and isinstance(out["message"]["content"], str)

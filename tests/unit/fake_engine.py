@@ -18,6 +18,8 @@ What a test can set or read:
   character tokenizer's own are not wanted (BOS is ``<s>``).
 * ``engine.calls``: every ``(GenerateRequest, n)`` given to ``generate_choices``;
   ``engine.templated``: every messages list given to ``apply_chat_template``;
+  ``engine.chat_inputs``: every ``apply_chat`` inputs; with tools, answers are read by
+  ``FakeParser`` (``CALL name {json}`` lines are calls);
   ``engine.embed_inputs``: every input list given to ``embed``; ``engine.streams``: all streams.
 * ``engine.embeddings``: the results ``embed`` answers (default: one fixed vector per input).
 * ``token_delay`` (seconds before each output), ``load_delay`` / ``load_error`` (``start``).
@@ -132,6 +134,58 @@ class FakeRender(NamedTuple):
     additional_stops: list[str] = []
     generation_prompt: str = ""
     parses: bool = False
+
+
+class FakeCall(NamedTuple):
+    id: str
+    name: str
+    arguments: str
+
+
+class FakeDelta(NamedTuple):
+    reasoning: str = ""
+    content: str = ""
+    tool_index: int = -1
+    tool_id: str = ""
+    tool_name: str = ""
+    tool_arguments: str = ""
+
+
+class FakeMessage(NamedTuple):
+    content: str = ""
+    reasoning_content: str = ""
+    tool_calls: list[FakeCall] = []
+
+
+class FakeParser:
+    """The fake template's answer format, with tools: ``<think>R</think>`` opens an answer with
+    reasoning R, and each line ``CALL name {json}`` is a call; the rest is content. Deltas come
+    at the end, in one go."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.message = FakeMessage()
+
+    def push(self, text: str, is_final: bool = False) -> list[FakeDelta]:
+        self.text += text
+        if not is_final:
+            return []
+        body, reasoning = self.text, ""
+        if body.startswith("<think>") and "</think>" in body:
+            reasoning, body = body[7:].split("</think>", 1)
+        calls, lines = [], []
+        for line in body.split("\n"):
+            if line.startswith("CALL "):
+                name, _, arguments = line[5:].partition(" ")
+                calls.append(FakeCall(f"id{len(calls):07d}", name, arguments or "{}"))
+            else:
+                lines.append(line)
+        self.message = FakeMessage("\n".join(lines), reasoning, calls)
+        out = [FakeDelta(reasoning=reasoning)] if reasoning else []
+        out += [FakeDelta(content=self.message.content)] if self.message.content else []
+        out += [FakeDelta(tool_index=i, tool_id=c.id, tool_name=c.name, tool_arguments=c.arguments)
+                for i, c in enumerate(calls)]  # fmt: skip
+        return out
 
 
 class FakeStream:
@@ -354,10 +408,11 @@ class FakeEngine:
         self._maybe_fail("apply_chat_template")
         self.templated.append(copy.deepcopy(inputs["messages"]))
         self.chat_inputs.append(copy.deepcopy(inputs))
-        return FakeRender(prompt=rendered(inputs["messages"], inputs["add_generation_prompt"]))
+        prompt = rendered(inputs["messages"], inputs["add_generation_prompt"])
+        return FakeRender(prompt=prompt, parses=bool(inputs.get("tools")))
 
-    def chat_parser(self, render: Any) -> Any:
-        raise AssertionError("the fake engine's renders need no parser")
+    def chat_parser(self, render: Any) -> FakeParser:
+        return FakeParser()
 
     def fim_tokens(self) -> tuple[int, int, int] | None:
         return (FIM_PRE, FIM_SUF, FIM_MID) if self.has_fim else None

@@ -278,3 +278,83 @@ async def test_messages_bad_requests(extra: dict[str, Any], param: str) -> None:
     assert r.status_code == 400, r.text
     assert param in (r.json()["error"]["param"] or ""), r.json()
     assert not engine.calls
+
+
+# ---- Ollama's /api/chat with tools (the fake parser: "CALL name {json}" lines) ----
+
+OLLAMA_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+
+
+async def test_ollama_tool_calls_whole_and_streamed() -> None:
+    app, engine = make_app()
+    answer = '<think>Use the tool.</think>Checking.\nCALL get_weather {"unit": "c"}'
+    engine.outputs = reply(answer)
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": "Weather?"}],
+        "tools": OLLAMA_TOOLS,
+        "stream": False,
+    }
+    async with client(app) as c:
+        whole = (await c.post("/api/chat", json=body)).json()
+        streamed = await c.post("/api/chat", json=body | {"stream": True})
+    message = whole["message"]
+    assert message["content"] == "Checking." and message["thinking"] == "Use the tool."
+    call = {"function": {"name": "get_weather", "arguments": {"unit": "c"}, "index": 0}}
+    assert message["tool_calls"] == [call | {"id": "id0000000"}]
+    assert whole["done"] is True and whole["done_reason"] == "stop"
+    lines = [json.loads(line) for line in streamed.text.splitlines()]
+    assert lines[-1]["done"] is True
+    assert [
+        line["message"].get("tool_calls") for line in lines if line["message"].get("tool_calls")
+    ] == [message["tool_calls"]]
+    assert "".join(line["message"].get("thinking", "") for line in lines) == "Use the tool."
+    assert "".join(line["message"]["content"] for line in lines) == "Checking."
+
+
+async def test_ollama_tool_turns_become_chat_messages() -> None:
+    app, engine = make_app()
+    body = {
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "thinking": "Need it.",
+                "tool_calls": [
+                    {"function": {"name": "get_weather", "arguments": {"unit": "c"}}},
+                    {"function": {"name": "get_time", "arguments": {}}},
+                ],
+            },
+            {"role": "tool", "content": "22", "tool_name": "get_weather"},
+            {"role": "tool", "content": "noon", "tool_name": "get_time"},
+        ],
+        "tools": OLLAMA_TOOLS,
+        "think": False,
+        "stream": False,
+    }
+    async with client(app) as c:
+        assert (await c.post("/api/chat", json=body)).status_code == 200
+    [inputs] = engine.chat_inputs
+    assistant, weather, clock = inputs["messages"][1:]
+    assert assistant["content"] is None and assistant["reasoning_content"] == "Need it."
+    ids = [call["id"] for call in assistant["tool_calls"]]
+    assert ids == ["call00000", "call00001"]
+    assert json.loads(assistant["tool_calls"][0]["function"]["arguments"]) == {"unit": "c"}
+    assert (weather["tool_call_id"], weather["name"]) == ("call00000", "get_weather")
+    assert (clock["tool_call_id"], clock["name"]) == ("call00001", "get_time")
+    assert inputs["enable_thinking"] is False
+
+
+async def test_chat_completion_tool_calls_wire_shape() -> None:
+    app, engine = make_app()
+    engine.outputs = reply('CALL get_weather {"unit": "c"}')
+    body = {"messages": [{"role": "user", "content": "x"}], "tools": OLLAMA_TOOLS}
+    async with client(app) as c:
+        r = (await c.post("/v1/chat/completions", json=body)).json()
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"] == [
+        {"id": "id0000000", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"unit": "c"}'}}
+    ]  # fmt: skip

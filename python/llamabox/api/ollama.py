@@ -5,16 +5,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
+from llamabox.api.chat_setup import AnswerReader, setup_chat
 from llamabox.api.errors import APIError, from_exception, ollama_body
 from llamabox.api.http import Request, Response, Route, StreamResponse, json_response
+from llamabox.api.protocol import AssistantMessage, ChatFields, ToolCall
 from llamabox.api.protocol_ollama import (
     OllamaAssistantMessage,
     OllamaChatRequest,
@@ -22,14 +26,17 @@ from llamabox.api.protocol_ollama import (
     OllamaDone,
     OllamaEmbedRequest,
     OllamaEmbedResponse,
+    OllamaFunctionCall,
     OllamaGenerateRequest,
     OllamaGenerateResponse,
+    OllamaMessage,
     OllamaModel,
     OllamaModelDetails,
     OllamaOptions,
     OllamaShowRequest,
     OllamaShowResponse,
     OllamaTags,
+    OllamaToolCall,
     OllamaVersion,
 )
 from llamabox.api.serving import (
@@ -209,17 +216,116 @@ async def generate(req: Request, state: AppState) -> Response | StreamResponse:
     return await _answer(state, request, body.stream, line, req.headers)
 
 
+def _chat_messages(messages: list[OllamaMessage]) -> list[dict[str, Any]]:
+    """Ollama's messages as the template takes them. Ollama's calls carry no ids: each gets one
+    by its place (nine letters and digits, which every template takes), and each tool message
+    answers the earliest call of the last assistant turn not answered yet."""
+    out: list[dict[str, Any]] = []
+    unanswered: list[str] = []
+    n_calls = 0
+    for i, m in enumerate(messages):
+        _no_images(m.images, f"messages[{i}].images")
+        entry: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.thinking:
+            entry["reasoning_content"] = m.thinking
+        if m.tool_calls:
+            calls: list[dict[str, Any]] = []
+            for call in m.tool_calls:
+                cid = call.id if isinstance(call.id, str) else f"call{n_calls:05d}"
+                n_calls += 1
+                fn = {"name": call.function.name, "arguments": json.dumps(call.function.arguments)}
+                calls.append({"id": cid, "type": "function", "function": fn})
+            entry["tool_calls"] = calls
+            entry["content"] = m.content or None
+            unanswered = [c["id"] for c in calls]
+        if m.role == "tool":
+            if m.tool_name:
+                entry["name"] = m.tool_name
+            if unanswered:
+                entry["tool_call_id"] = unanswered.pop(0)
+        out.append(entry)
+    return out
+
+
+def _ollama_message(msg: AssistantMessage) -> OllamaAssistantMessage:
+    out = OllamaAssistantMessage(msg.content or "")
+    if isinstance(msg.reasoning_content, str):
+        out.thinking = msg.reasoning_content
+    if isinstance(msg.tool_calls, list):
+        out.tool_calls = [_ollama_call(i, c) for i, c in enumerate(msg.tool_calls)]
+    return out
+
+
+def _ollama_call(index: int, call: ToolCall) -> OllamaToolCall:
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError:  # cut off by num_predict: incomplete
+        arguments = {}
+    if not isinstance(arguments, dict):
+        arguments = {"value": arguments}
+    fn = OllamaFunctionCall(name=call.function.name, arguments=arguments, index=index)
+    return OllamaToolCall(function=fn, id=call.id)
+
+
 async def chat(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_chat_request)
     line = _chat_line(state.model_name)
     if not body.messages:
         return _loaded(line)
-    for i, m in enumerate(body.messages):
-        _no_images(m.images, f"messages[{i}].images")
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    prompt = await render_chat(state, messages)
-    request = _request(state, req.request_id, prompt, body.options, body.format)
-    return await _answer(state, request, body.stream, line, req.headers)
+    fields = ChatFields(tools=body.tools)
+    if body.think is False:
+        fields.reasoning_effort = "none"
+    elif isinstance(body.think, str):
+        fields.reasoning_effort = body.think
+    request = _request(state, req.request_id, "", body.options, body.format)
+    setup = await setup_chat(
+        state, fields, _chat_messages(body.messages), request.sampling, request_grammar=False
+    )
+    request = msgspec.structs.replace(
+        request, prompt=setup.prompt, sampling=setup.sampling, stop=[*request.stop, *setup.stops]
+    )
+    reader = setup.reader(state)
+    if reader is None:
+        return await _answer(state, request, body.stream, line, req.headers)
+    started = time.monotonic_ns()
+    streams = await submit(state, [setup.prompt], request, headers=req.headers)
+    if body.stream:
+        return StreamResponse(_ndjson(_read_lines(streams[0], reader, state, started)), NDJSON)
+    [result] = await collect_all(streams)
+    reader.push(result.text, True)
+    message = _ollama_message(reader.message())
+    out = OllamaChatResponse(model=state.model_name, created_at=_now(), done=True, message=message)
+    return json_response(_finish(out, result, started))
+
+
+async def _read_lines(
+    stream: RequestStreamLike, reader: AnswerReader, state: AppState, started_ns: int
+) -> AsyncIterator[bytes]:
+    """An answer read through the template's parser: text and thinking as they come, the
+    tool calls whole, in one line before the last."""
+    result = Collected()
+    line = _chat_line(state.model_name)
+    try:
+        async for out in stream:
+            result.add(out)
+            for delta in reader.push(out.text, out.finish_reason is not None):
+                if isinstance(delta.content, str) and delta.content:
+                    yield _encoder.encode(line(delta.content, False))
+                elif isinstance(delta.reasoning_content, str):
+                    chunk = line("", False)
+                    assert isinstance(chunk, OllamaChatResponse)
+                    chunk.message.thinking = delta.reasoning_content
+                    yield _encoder.encode(chunk)
+    finally:
+        stream.cancel()
+    message = _ollama_message(reader.message())
+    if isinstance(message.tool_calls, list):
+        calls = OllamaChatResponse(
+            model=state.model_name, created_at=_now(), done=False,
+            message=OllamaAssistantMessage("", tool_calls=message.tool_calls),
+        )  # fmt: skip
+        yield _encoder.encode(calls)
+    yield _encoder.encode(_finish(line("", True), result, started_ns))
 
 
 async def embed_(req: Request, state: AppState) -> Response:

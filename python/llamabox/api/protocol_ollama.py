@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 
 from llamabox.api.protocol import (
     INT32_MAX,
     STOP_MAX,
+    TOOLS_MAX,
     Float32,
     NativeTemperature,
     Probability,
@@ -16,6 +17,8 @@ from llamabox.api.protocol import (
     RepeatPenalty,
     Seed,
     StopString,
+    Tool,
+    ToolName,
     TopK,
     TypicalP,
 )
@@ -53,10 +56,24 @@ class OllamaGenerateRequest(Struct, kw_only=True):
     images: list[str] | None = None
 
 
+class OllamaFunctionCall(Struct, kw_only=True):
+    name: ToolName
+    arguments: dict[str, Any] = {}
+    index: int | UnsetType = UNSET
+
+
+class OllamaToolCall(Struct, kw_only=True):
+    function: OllamaFunctionCall
+    id: str | UnsetType = UNSET
+
+
 class OllamaMessage(Struct, kw_only=True):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
+    tool_name: str | None = None  # a tool message's function
+    thinking: str | None = None
 
 
 class OllamaChatRequest(Struct, kw_only=True):
@@ -65,6 +82,8 @@ class OllamaChatRequest(Struct, kw_only=True):
     stream: bool = True
     format: Raw = Raw()
     options: OllamaOptions | None = None
+    tools: Annotated[list[Tool], Meta(max_length=TOOLS_MAX)] | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
 
 
 class OllamaEmbedRequest(Struct, kw_only=True):
@@ -101,6 +120,8 @@ class OllamaGenerateResponse(OllamaDone, kw_only=True):
 class OllamaAssistantMessage(Struct):
     content: str
     role: str = "assistant"
+    thinking: str | UnsetType = UNSET
+    tool_calls: list[OllamaToolCall] | UnsetType = UNSET
 
 
 class OllamaChatResponse(OllamaDone, kw_only=True):
