@@ -181,6 +181,8 @@ class AnswerReader:
         self._legacy = legacy_functions
 
     def push(self, text: str, final: bool = False) -> list[Delta]:
+        if not text and not final:  # nothing new: spare the parser a pass over the answer
+            return []
         out: list[Delta] = []
         for d in self._parser.push(text, final):
             if d.tool_index >= 0:

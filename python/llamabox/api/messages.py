@@ -291,12 +291,9 @@ async def _events(
     blocks = _Blocks()
     open_at: int | None = None
     reason, stop_word, usage = "stop", None, Usage()
+    yield emit("message_start", {"message": msgspec.to_builtins(start)})
     try:
-        first = True
         async for out in stream:
-            if first:  # the prompt's usage is known once the prefill is done
-                first = False
-                yield emit("message_start", {"message": msgspec.to_builtins(start)})
             for delta in answer_deltas(reader, out.text, out.finish_reason is not None):
                 at, part = blocks.add(delta)
                 if at != open_at:
@@ -314,8 +311,6 @@ async def _events(
                 reason, stop_word, usage = out.finish_reason, out.stop_word, out.usage or usage
     finally:
         stream.cancel()
-    if first:
-        yield emit("message_start", {"message": msgspec.to_builtins(start)})
     if open_at is not None:
         yield emit("content_block_stop", {"index": open_at})
     stop_reason, stop_sequence = _stop(reason, stop_word, blocks)
