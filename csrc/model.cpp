@@ -158,6 +158,24 @@ void model::describe(model_info & info) const {
     info.n_embd        = llama_model_n_embd(model_.get());
     info.n_swa         = llama_model_n_swa(model_.get());
     info.chat_template = template_name_;
+    info.chat_template_caps = legacy_template_ ? std::map<std::string, bool>{}
+                                               : common_chat_templates_get_caps(tmpls_.get());
+    if (!legacy_template_) {
+        // Whether the template has a reasoning section: what rendering one user message says.
+        common_chat_templates_inputs probe;
+        common_chat_msg user;
+        user.role       = "user";
+        user.content    = "x";
+        probe.messages  = {user};
+        probe.use_jinja = true;
+        bool thinking   = false;
+        try {
+            std::lock_guard<std::mutex> lk(mtx_tmpl_);
+            thinking = common_chat_templates_apply(tmpls_.get(), probe).supports_thinking;
+        } catch (const std::exception &) {  // a template that needs more: it fails on requests
+        }
+        info.chat_template_caps["supports_thinking"] = thinking;
+    }
     info.fim_pre       = llama_vocab_fim_pre(vocab_);
     info.fim_suf       = llama_vocab_fim_suf(vocab_);
     info.fim_mid       = llama_vocab_fim_mid(vocab_);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -195,6 +196,10 @@ struct model_info {
     int32_t     n_ctx_slot  = 0;
     int32_t     n_swa       = 0;
     std::string chat_template;
+    // What the template can do (llama.cpp's caps: supports_tools, supports_tool_calls,
+    // supports_parallel_tool_calls, supports_system_role, ...) and whether it has a reasoning
+    // section (supports_thinking); empty for a built-in template name
+    std::map<std::string, bool> chat_template_caps;
     llama_token fim_pre = LLAMA_TOKEN_NULL;
     llama_token fim_suf = LLAMA_TOKEN_NULL;
     llama_token fim_mid = LLAMA_TOKEN_NULL;

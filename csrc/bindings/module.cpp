@@ -221,6 +221,7 @@ void bind_types(py::module_ & m) {
         .def_readonly("n_ctx_slot", &model_info::n_ctx_slot)
         .def_readonly("n_swa", &model_info::n_swa)
         .def_readonly("chat_template", &model_info::chat_template)
+        .def_readonly("chat_template_caps", &model_info::chat_template_caps)
         .def_readonly("fim_pre", &model_info::fim_pre)
         .def_readonly("fim_suf", &model_info::fim_suf)
         .def_readonly("fim_mid", &model_info::fim_mid)

@@ -414,6 +414,9 @@ class ModelInfo:
     def chat_template(self) -> str:
         ...
     @property
+    def chat_template_caps(self) -> dict[str, bool]:
+        ...
+    @property
     def description(self) -> str:
         ...
     @property

@@ -700,6 +700,7 @@ class Engine:
             n_ctx=i.n_ctx,
             n_ctx_slot=i.n_ctx_slot,
             chat_template=i.chat_template,
+            chat_template_caps=dict(i.chat_template_caps),
             has_fim=min(i.fim_pre, i.fim_suf, i.fim_mid) >= 0,
             bos_token=text(i.bos),
             eos_token=text(i.eos),

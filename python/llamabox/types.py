@@ -213,6 +213,9 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     n_ctx: int  # the engine's whole context
     n_ctx_slot: int  # context per slot
     chat_template: str  # in use: a built-in name, or Jinja source (model's, user's, fallback)
+    # supports_tools, supports_tool_calls, supports_parallel_tool_calls, supports_thinking, ...
+    # (llama.cpp's names); empty for a built-in template name
+    chat_template_caps: dict[str, bool] = {}
     has_fim: bool  # the vocabulary has fill-in-the-middle tokens
     bos_token: str
     eos_token: str

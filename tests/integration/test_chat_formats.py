@@ -230,6 +230,8 @@ async def test_reasoning_split_and_kept(engines: dict[str, Engine]) -> None:
 
 async def test_enable_thinking_false(engines: dict[str, Engine]) -> None:
     engine = engines["qwen3"]
+    assert engine.model_info.chat_template_caps["supports_thinking"] is True
+    assert engines["qwen2.5"].model_info.chat_template_caps["supports_thinking"] is False
     thinking = await engine.apply_chat({"messages": USER})
     plain = await engine.apply_chat({"messages": USER, "enable_thinking": False})
     assert "<think>" not in thinking.prompt.split("assistant")[-1]

@@ -189,3 +189,10 @@ def test_ollama_chat_takes_tools_and_tool_turns(server: ServerProcess) -> None:
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["done"] is True and isinstance(out["message"]["content"], str)
+
+
+def test_props_show_the_templates_caps(server: ServerProcess) -> None:
+    with server.http() as http:
+        caps = http.get("/props").json()["chat_template_caps"]
+    assert caps["supports_tools"] is True and caps["supports_tool_calls"] is True
+    assert isinstance(caps["supports_thinking"], bool)

@@ -113,6 +113,7 @@ async def props(req: Request, state: AppState) -> Response:
             model_path=info.path,
             model_alias=state.model_name,
             chat_template=info.chat_template,
+            chat_template_caps=info.chat_template_caps,
             bos_token=info.bos_token,
             eos_token=info.eos_token,
             build_info=f"llamabox {VERSION} ({system['backend']}, {system['llama_cpp_build']})",

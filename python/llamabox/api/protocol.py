@@ -511,6 +511,7 @@ class Props(Struct, kw_only=True):
     model_path: str
     model_alias: str
     chat_template: str
+    chat_template_caps: dict[str, bool]  # as llama-server: what the template can do
     bos_token: str
     eos_token: str
     build_info: str
