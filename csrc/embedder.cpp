@@ -50,8 +50,16 @@ embedder::embedder(const model & m, const embedder_params & params)
                              (capture.errors().empty() ? std::string() : ": " + capture.errors()));
         }
     }
+    if (!params.loras.empty()) {
+        std::vector<llama_adapter_lora *> loras = params.loras;
+        std::vector<float> scales = params.lora_scales;
+        if (llama_set_adapters_lora(ctx_.get(), loras.data(), loras.size(), scales.data()) != 0) {
+            throw load_error("failed to apply the LoRA adapters to the embedding context");
+        }
+    }
     pooling_ = (int32_t) ::llama_pooling_type(ctx_.get());
     n_embd_ = llama_model_n_embd_out(m.get());
+    n_cls_out_ = (int32_t) llama_model_n_cls_out(m.get());
     batch_ = llama_batch_init(n_tokens_max_, 0, 1);
 }
 
@@ -81,6 +89,17 @@ std::vector<embedder::result> embedder::run(const std::vector<const std::vector<
         for (size_t s = 0; s < inputs.size(); ++s) {
             result & r = out[s];
             const int32_t n = (int32_t) inputs[s]->size();
+            if (pooling_ == LLAMA_POOLING_TYPE_RANK) {
+                // The rank head's scores, raw (a relevance logit each): nothing to normalize.
+                const float * e = llama_get_embeddings_seq(ctx_.get(), (llama_seq_id) s);
+                if (!e) {
+                    r.error = "llama.cpp gave no rank score for this input";
+                    continue;
+                }
+                r.embedding.assign(e, e + n_cls_out_);
+                r.n_rows = 1;
+                continue;
+            }
             if (pooling_ != LLAMA_POOLING_TYPE_NONE) {
                 const float * e = llama_get_embeddings_seq(ctx_.get(), (llama_seq_id) s);
                 if (!e) {

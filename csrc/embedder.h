@@ -20,6 +20,9 @@ struct embedder_params {
     int32_t pooling      = -1;   // llama_pooling_type; -1 = the model's, or mean if it names none
     int32_t n_threads    = 0;
     int32_t flash_attn   = -1;
+    // LoRA adapters and their scales, applied once: embeddings use the server's start-up scales
+    std::vector<llama_adapter_lora *> loras;
+    std::vector<float> lora_scales;
 };
 
 class embedder {
@@ -32,9 +35,10 @@ public:
     int32_t n_tokens_max() const { return n_tokens_max_; }
     int32_t n_seq_max() const { return n_seq_max_; }
     int32_t pooling() const { return pooling_; }  // llama_pooling_type in use
+    int32_t n_cls_out() const { return n_cls_out_; }  // scores per input under rank pooling
 
     struct result {
-        std::vector<float> embedding;  // n_rows x n_embd, each row L2-normalized
+        std::vector<float> embedding;  // n_rows x n_embd, each row L2-normalized; rank: n_cls_out raw scores
         int32_t            n_rows = 0;
         std::string        error;      // non-empty: this input failed
     };
@@ -49,6 +53,7 @@ private:
     int32_t n_seq_max_    = 0;
     int32_t pooling_      = 0;
     int32_t n_embd_       = 0;
+    int32_t n_cls_out_    = 0;
 };
 
 }  // namespace llamabox

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <unordered_set>
@@ -51,6 +52,18 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
     mp.repack        = params_.repack;
     mp.chat_template = params_.chat_template;
     model_ = std::make_unique<model>(mp);
+    for (const auto & l : params_.loras) {
+        log_capture capture;
+        llama_adapter_lora_ptr a(llama_adapter_lora_init(model_->get(), l.path.c_str()));
+        if (!a) {
+            throw load_error("failed to load the LoRA adapter " + l.path +
+                             (capture.errors().empty() ? std::string() : ": " + capture.errors()));
+        }
+        if (!std::isfinite(l.scale)) throw load_error("the LoRA adapter " + l.path + " has a scale that is not finite");
+        loras_.push_back(std::move(a));
+        lora_paths_.push_back(l.path);
+        lora_scales_.push_back(params_.lora_init_without_apply ? 0.0f : l.scale);
+    }
 
     auto cparams = llama_context_default_params();
     const int32_t n_threads = params_.n_threads > 0 ? params_.n_threads : common_cpu_get_num_math();
@@ -85,8 +98,11 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
                              (capture.errors().empty() ? std::string() : ": " + capture.errors()));
         }
     }
+    if (!loras_.empty() && !apply_lora(lora_scales_)) throw load_error("failed to apply the LoRA adapters");
     if (params_.embeddings) {
         embedder_params ep;
+        for (const auto & a : loras_) ep.loras.push_back(a.get());
+        ep.lora_scales  = lora_scales_;
         ep.n_tokens_max = n_ubatch;
         ep.n_seq_max    = std::max(params_.n_parallel, 8);
         ep.pooling      = params_.pooling;
@@ -110,6 +126,7 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
     info_.embeddings = emb_ != nullptr;
     info_.pooling    = emb_ ? emb_->pooling() : 0;
     info_.n_embd_tokens_max = emb_ ? emb_->n_tokens_max() : 0;
+    info_.n_cls_out  = emb_ ? emb_->n_cls_out() : 0;
 
     workers_ = std::make_unique<worker_pool>(PREPARE_THREADS, PREPARE_NICE);
     batch_ = llama_batch_init(params_.n_batch + params_.n_parallel + n_draft_step_max_, 0, 1);
@@ -350,6 +367,11 @@ void engine::run_slot_op(const slot_op & op, job_result & r) {
             s.cache = std::move(tokens);
             s.n_draft_synced = 0;  // the draft model's KV starts over (forget_from dropped it)
             s.t_last_used = ++clock_;
+            {
+                // A slot file holds no adapter scales: it counts as saved under the server's.
+                std::lock_guard<std::mutex> lk(mtx_lora_);
+                s.cache_lora = lora_scales_;
+            }
             std::snprintf(buf, sizeof buf, "{\"n_restored\": %zu, \"n_read\": %zu, \"ms\": %.3f}", n_tokens, n, ms());
             break;
         }
@@ -381,19 +403,21 @@ bool engine::forget_from(slot & s, llama_pos from) {
 
 void engine::assign_slots() {
     llama_memory_t mem = llama_get_memory(ctx_.get());
+    static const std::vector<llama_token> nothing;
     while (!pending_.empty()) {
+        auto & t = pending_.front();
+        // A prefix cached under other LoRA scales holds other KV values: it is no prefix.
         std::vector<idle_slot_view> idle;
         for (const auto & s : slots_) {
-            if (s->is_idle()) idle.push_back({s->id, &s->cache, s->t_last_used});
+            if (s->is_idle()) idle.push_back({s->id, s->cache_lora == t->lora ? &s->cache : &nothing, s->t_last_used});
         }
         if (idle.empty()) break;
-        auto & t = pending_.front();
         const bool reuse = t->req.cache_prompt;
         const int32_t id = choose_slot(idle, reuse ? t->req.prompt : std::vector<llama_token>{});
         slot & s = *slots_[id];
 
         // Keep the shared prefix, up to the prompt's last token (decoded on its own, see task).
-        size_t n_keep = reuse ? std::min(common_prefix(s.cache, t->req.prompt), t->n_prefill()) : 0;
+        size_t n_keep = reuse && s.cache_lora == t->lora ? std::min(common_prefix(s.cache, t->req.prompt), t->n_prefill()) : 0;
         // On sliding-window layers the positions before the window may be gone: reuse only if
         // everything the next token attends to is still there.
         if (n_keep > 0 && info_.n_swa > 0) {
@@ -401,6 +425,7 @@ void engine::assign_slots() {
             if (pos_min > std::max<llama_pos>(0, (llama_pos) n_keep - info_.n_swa)) n_keep = 0;
         }
         if (!forget_from(s, (llama_pos) n_keep)) n_keep = 0;
+        s.cache_lora = t->lora;
         t->n_cached = (int32_t) n_keep;
         {
             std::lock_guard<std::mutex> lk(mtx_in_);

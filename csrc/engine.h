@@ -37,6 +37,18 @@ struct slot;
 struct task;
 struct task_speculation;
 
+struct lora_adapter_params {
+    std::string path;
+    float       scale = 1.0f;
+};
+
+// A loaded LoRA adapter as /lora-adapters shows it.
+struct lora_adapter_info {
+    int32_t     id = 0;
+    std::string path;
+    float       scale = 0.0f;  // the server's current scale (requests without their own)
+};
+
 struct engine_params {
     std::string model_path;
     int32_t     n_ctx           = 4096;  // whole context, split over the slots; 0 = training context
@@ -61,6 +73,8 @@ struct engine_params {
     std::string chat_template;           // built-in name or Jinja source; empty = the model's or a fallback
     speculative_params speculative;      // drafting: none unless types or a draft model are given
     std::vector<std::string> rpc_servers;  // host:port of ggml RPC servers whose devices take layers
+    std::vector<lora_adapter_params> loras;  // LoRA adapters, ids in this order
+    bool        lora_init_without_apply = false;  // loaded at scale 0 (set later: set_lora_scales)
     bool        verbose         = false;
 };
 
@@ -126,6 +140,12 @@ public:
     void post_slot_action(uint64_t id_job, int32_t id_slot, slot_action action, std::string path);
 
     engine_stats stats() const;
+
+    // The loaded LoRA adapters and the server's current scales; set_lora_scales replaces them
+    // (one per adapter; throws invalid_request otherwise). Requests prepared afterwards that
+    // give no adapters of their own use the new scales. Any thread.
+    std::vector<lora_adapter_info> lora_adapters() const;
+    void set_lora_scales(const std::vector<float> & scales);
     const model_info & info() const { return info_; }
 
     std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
@@ -175,10 +195,24 @@ private:
         int32_t n_ubatches = 0; // what llama.cpp cuts it into (with speculation on)
     };
     decode_result decode_step(int32_t n_prefill_max, bool with_drafts);
+    // Requests under different adapter scales never share a decode: each step serves one set
+    // (step_lora_), the one of the busy slot that has waited longest since its last step.
+    void pick_step_lora();
+    bool in_step(const slot & s) const;  // its request runs under this step's adapters
+    bool apply_lora(const std::vector<float> & scales);  // on ctx_, when they differ from now
+    std::vector<float> resolve_lora(const request & req) const;
 
     engine_params        params_;
     log_verbose_guard    log_verbose_;
     std::unique_ptr<model> model_;
+    // Declared between the model and the contexts: freed after every context that uses them,
+    // before the model they belong to.
+    std::vector<llama_adapter_lora_ptr> loras_;
+    std::vector<std::string> lora_paths_;
+    std::vector<float>   lora_scales_;   // the server's current scales, under mtx_lora_
+    mutable std::mutex   mtx_lora_;
+    std::vector<float>   lora_applied_;  // what ctx_ has now (decode thread)
+    std::vector<float>   step_lora_;     // what this step runs under (decode thread)
     llama_context_ptr    ctx_;
     std::unique_ptr<embedder> emb_;
     std::unique_ptr<speculator> spec_;  // null when speculation is off

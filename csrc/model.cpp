@@ -192,6 +192,41 @@ std::vector<llama_token> model::tokenize(const std::string & text, bool add_spec
     return common_tokenize(vocab_, text, add_special, parse_special);
 }
 
+std::vector<llama_token> model::rerank_prompt(const std::string & query, const std::string & document) const {
+    if (const char * tmpl = llama_model_chat_template(model_.get(), "rerank")) {
+        // The model's own layout (Qwen3-Reranker's instruction, yes/no question...): each
+        // placeholder filled in one pass, so a query holding "{document}" stays as written.
+        const std::string src = tmpl;
+        std::string text;
+        size_t i = 0;
+        while (i < src.size()) {
+            if (src.compare(i, 7, "{query}") == 0) {
+                text += query;
+                i += 7;
+            } else if (src.compare(i, 10, "{document}") == 0) {
+                text += document;
+                i += 10;
+            } else {
+                text += src[i++];
+            }
+        }
+        return common_tokenize(vocab_, text, false, true);
+    }
+    // A cross-encoder's pair: [BOS] query [EOS] [SEP] document [EOS], as its vocabulary adds them.
+    llama_token eos = llama_vocab_eos(vocab_);
+    if (eos == LLAMA_TOKEN_NULL) eos = llama_vocab_sep(vocab_);
+    std::vector<llama_token> out;
+    if (llama_vocab_get_add_bos(vocab_)) out.push_back(llama_vocab_bos(vocab_));
+    const auto q = common_tokenize(vocab_, query, false, false);
+    out.insert(out.end(), q.begin(), q.end());
+    if (llama_vocab_get_add_eos(vocab_) && eos != LLAMA_TOKEN_NULL) out.push_back(eos);
+    if (llama_vocab_get_add_sep(vocab_)) out.push_back(llama_vocab_sep(vocab_));
+    const auto d = common_tokenize(vocab_, document, false, false);
+    out.insert(out.end(), d.begin(), d.end());
+    if (llama_vocab_get_add_eos(vocab_) && eos != LLAMA_TOKEN_NULL) out.push_back(eos);
+    return out;
+}
+
 void model::check_tokens(const std::vector<llama_token> & tokens, const char * what) const {
     for (llama_token t : tokens) {
         if (t < 0 || t >= n_vocab_) {

@@ -49,6 +49,8 @@ public:
 
     std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
     std::string detokenize(const std::vector<llama_token> & tokens) const;  // valid UTF-8
+    // A rerank input: the query and one document in the layout the model was trained on.
+    std::vector<llama_token> rerank_prompt(const std::string & query, const std::string & document) const;
     std::string token_piece(llama_token token) const;  // raw bytes, special tokens rendered
     void check_tokens(const std::vector<llama_token> & tokens, const char * what) const;  // throws invalid_request
 

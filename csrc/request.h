@@ -59,6 +59,10 @@ struct request {
     request_kind             kind         = REQUEST_KIND_COMPLETION;
     std::vector<llama_token> prompt;             // the prompt as tokens, or
     std::string              text;               // as text, tokenized by engine::prepare()
+    // Rerank (an embedding request under rank pooling): `text` is the query, this the
+    // document; prepare() joins them as the model's rerank template (or its separators) says.
+    std::string              document;
+    bool                     rerank = false;
     bool                     add_special  = true;   // BOS etc. when tokenizing `text`
     bool                     parse_special = true;  // special tokens written in `text` count
     int32_t                  n_predict    = -1;  // < 0: until the slot context is full
@@ -66,6 +70,10 @@ struct request {
     sampling_params          sampling;
     bool                     cache_prompt = true;
     speculative_override     speculative;
+    // LoRA adapters by id and scale, the others off; without has_lora, the server's scales
+    // (POST /lora-adapters) at prepare time.
+    std::vector<std::pair<int32_t, float>> lora;
+    bool                     has_lora = false;
     std::string              tag;                // the caller's request id, for logs
 };
 
@@ -209,6 +217,7 @@ struct model_info {
     bool        embeddings = false;   // embed requests are served
     int32_t     pooling = 0;          // llama_pooling_type in use for embeddings
     int32_t     n_embd_tokens_max = 0;  // longest embedding input
+    int32_t     n_cls_out = 0;          // scores per input under rank pooling (the rank head's rows)
 };
 
 }  // namespace llamabox

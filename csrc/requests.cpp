@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 
 #include "embedder.h"
@@ -19,7 +20,15 @@ namespace llamabox {
 prepared engine::prepare(request && req, const std::vector<uint64_t> & ids) const {
     if (ids.empty()) throw invalid_request("no request ids");
     const char * what = req.kind == REQUEST_KIND_EMBEDDING ? "input" : "prompt";
-    if (!req.text.empty()) {
+    if (req.rerank) {
+        if (req.kind != REQUEST_KIND_EMBEDDING || !emb_ || emb_->pooling() != LLAMA_POOLING_TYPE_RANK) {
+            throw invalid_request("this server was started without reranking (--rerank)");
+        }
+        if (!req.prompt.empty()) throw invalid_request("a rerank request gives the query as text", "query");
+        req.prompt = model_->rerank_prompt(req.text, req.document);
+        req.text.clear();
+        req.document.clear();
+    } else if (!req.text.empty()) {
         if (!req.prompt.empty()) throw invalid_request("give the prompt as text or as tokens, not both", what);
         req.prompt = model_->tokenize(req.text, req.add_special, req.parse_special);
         req.text.clear();
@@ -49,6 +58,7 @@ prepared engine::prepare(request && req, const std::vector<uint64_t> & ids) cons
     if (out.n_prompt >= info_.n_ctx_slot) throw context_length_error(out.n_prompt, info_.n_ctx_slot);
 
     const task_speculation spec = resolve_speculation(req.speculative);
+    const std::vector<float> lora = resolve_lora(req);
 
     // One seed per choice: the request's, else the server's, else random for each choice.
     const int64_t base = req.sampling.seed >= 0 ? req.sampling.seed : params_.seed;
@@ -57,6 +67,7 @@ prepared engine::prepare(request && req, const std::vector<uint64_t> & ids) cons
         auto t = std::make_unique<task>();
         t->smpl = make_sampler(*model_, req.sampling, seed, info_.n_ctx_slot);
         t->spec = spec;
+        t->lora = lora;
         t->stops = stop_matcher(req.stop);
         t->req = j + 1 == ids.size() ? std::move(req) : req;
         t->req.id_req = ids[j];
@@ -214,5 +225,42 @@ std::string engine::apply_chat_template(const std::string & messages_json, bool 
 }
 
 chat_render engine::apply_chat(const std::string & inputs_json) const { return model_->apply_chat(inputs_json); }
+
+std::vector<float> engine::resolve_lora(const request & req) const {
+    std::lock_guard<std::mutex> lk(mtx_lora_);
+    if (!req.has_lora) return lora_scales_;
+    if (loras_.empty() && !req.lora.empty()) {
+        throw invalid_request("this server has no LoRA adapters (start it with --lora FILE)", "lora");
+    }
+    std::vector<float> scales(loras_.size(), 0.0f);
+    for (const auto & [id, scale] : req.lora) {
+        if (id < 0 || (size_t) id >= loras_.size()) {
+            throw invalid_request("lora: adapter id " + std::to_string(id) + " is not one of the " +
+                                  std::to_string(loras_.size()) + " loaded (GET /lora-adapters)", "lora");
+        }
+        if (!std::isfinite(scale)) throw invalid_request("lora: the scale of adapter " + std::to_string(id) + " is not finite", "lora");
+        scales[(size_t) id] = scale;
+    }
+    return scales;
+}
+
+std::vector<lora_adapter_info> engine::lora_adapters() const {
+    std::lock_guard<std::mutex> lk(mtx_lora_);
+    std::vector<lora_adapter_info> out;
+    for (size_t i = 0; i < loras_.size(); ++i) out.push_back({(int32_t) i, lora_paths_[i], lora_scales_[i]});
+    return out;
+}
+
+void engine::set_lora_scales(const std::vector<float> & scales) {
+    std::lock_guard<std::mutex> lk(mtx_lora_);
+    if (scales.size() != loras_.size()) {
+        throw invalid_request("expected " + std::to_string(loras_.size()) + " adapter scales, got " +
+                              std::to_string(scales.size()));
+    }
+    for (float s : scales) {
+        if (!std::isfinite(s)) throw invalid_request("a LoRA scale is not finite");
+    }
+    lora_scales_ = scales;
+}
 
 }  // namespace llamabox

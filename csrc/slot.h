@@ -46,6 +46,7 @@ struct task {
     utf8_decoder       utf8;
     stop_matcher       stops;
     task_speculation   spec;
+    std::vector<float> lora;  // a scale per loaded adapter (empty when none is loaded)
     uint64_t           t_arrival  = 0;
     bool               generating = false;
     // The token that goes into the next step: the last prompt token first, then each sampled
@@ -72,6 +73,8 @@ struct slot {
     std::vector<llama_token> cache;
     int32_t                  n_draft_synced = 0;  // of `cache`, how many the draft model's KV holds
     uint64_t                 t_last_used = 0;
+    std::vector<float>       cache_lora;  // the adapter scales `cache`'s KV was computed under
+    uint64_t                 t_last_step = 0;  // when it last put tokens into a step (clock)
     std::unique_ptr<task>    t;      // null when idle
     int32_t                  n_step  = 0;   // tokens this slot put into the current batch
     int32_t                  i_out   = -1;  // batch index of its first output, -1 if none

@@ -39,6 +39,31 @@ std::string decode_error(int32_t ret) {
 
 }  // namespace
 
+void engine::pick_step_lora() {
+    if (loras_.empty()) return;  // step_lora_ stays empty, as every task's
+    const slot * oldest = nullptr;
+    for (const auto & s : slots_) {
+        if (s->is_idle()) continue;
+        if (oldest == nullptr || s->t_last_step < oldest->t_last_step ||
+            (s->t_last_step == oldest->t_last_step && s->t->t_arrival < oldest->t->t_arrival)) {
+            oldest = s.get();
+        }
+    }
+    if (oldest != nullptr) step_lora_ = oldest->t->lora;
+}
+
+bool engine::in_step(const slot & s) const { return !s.is_idle() && s.t->lora == step_lora_; }
+
+bool engine::apply_lora(const std::vector<float> & scales) {
+    if (scales == lora_applied_ && !lora_applied_.empty()) return true;
+    std::vector<llama_adapter_lora *> ptrs;
+    for (const auto & a : loras_) ptrs.push_back(a.get());
+    std::vector<float> s = scales;
+    if (llama_set_adapters_lora(ctx_.get(), ptrs.data(), ptrs.size(), s.data()) != 0) return false;
+    lora_applied_ = scales;
+    return true;
+}
+
 void engine::plan_drafts() {
     for (auto & s : slots_) {
         if (s->is_idle()) continue;
@@ -54,7 +79,7 @@ void engine::plan_drafts() {
     int32_t n_gen = 0, n_prefill = 0;
     for (auto & sp : slots_) {
         slot & s = *sp;
-        if (s.is_idle()) continue;
+        if (!in_step(s)) continue;
         task & t = *s.t;
         if (!t.generating) {
             n_prefill += (int32_t) (t.n_prefill() - s.cache.size());
@@ -207,7 +232,7 @@ engine::decode_result engine::decode_step(int32_t n_prefill_max, bool with_draft
     for (const auto & s : slots_) {
         s->n_step = 0;
         s->i_out = -1;
-        if (s->is_idle()) continue;
+        if (!in_step(*s)) continue;
         if (!with_drafts) s->t->spec.draft.clear();
         slot_view v;
         v.id_slot = s->id;
@@ -227,6 +252,7 @@ engine::decode_result engine::decode_step(int32_t n_prefill_max, bool with_draft
         slot & s = *slots_[e.id_slot];
         task & t = *s.t;
         s.n_step = e.n_tokens;
+        s.t_last_step = clock_;
         const llama_pos pos = s.pos_next();
         if (t.generating) {
             res.n_gen++;
@@ -255,6 +281,12 @@ engine::decode_result engine::decode_step(int32_t n_prefill_max, bool with_draft
         res.n_ubatches = (int32_t) spec_->policy().split(seqs, lens, res.n_prefill).size();
     }
 
+    if (!loras_.empty() && !apply_lora(step_lora_)) {
+        // Nothing was decoded: the batch's slots fail like a failed decode (their KV is intact).
+        res.ret = -1;
+        res.ok = false;
+        return res;
+    }
     res.ret = llama_decode(ctx_.get(), batch_);
     {
         std::lock_guard<std::mutex> lk(mtx_stats_);
@@ -275,6 +307,8 @@ engine::decode_result engine::decode_step(int32_t n_prefill_max, bool with_draft
 void engine::run_generation() {
     if (std::all_of(slots_.begin(), slots_.end(), [](const auto & s) { return s->is_idle(); })) return;
     const int64_t t_step = now_us();
+    clock_++;
+    pick_step_lora();
     plan_drafts();
     const int64_t t_decode = now_us();
 
@@ -303,7 +337,7 @@ void engine::run_generation() {
         slot * victim = nullptr;
         const auto rank = [](const slot & v) { return v.t->generating ? 1 : 0; };
         for (auto & s : slots_) {
-            if (s->is_idle() || (s->t->generating ? s->n_step == 0 : s->cache.empty())) continue;
+            if (!in_step(*s) || (s->t->generating ? s->n_step == 0 : s->cache.empty())) continue;
             if (victim == nullptr || rank(*s) < rank(*victim) ||
                 (rank(*s) == rank(*victim) && s->t->t_arrival > victim->t->t_arrival)) {
                 victim = s.get();

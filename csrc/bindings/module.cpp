@@ -144,6 +144,8 @@ void bind_types(py::module_ & m) {
                       [](request & r, int k) { r.kind = (request_kind) k; })
         .def_readwrite("prompt", &request::prompt)
         .def_readwrite("text", &request::text)
+        .def_readwrite("document", &request::document)
+        .def_readwrite("rerank", &request::rerank)
         .def_readwrite("add_special", &request::add_special)
         .def_readwrite("parse_special", &request::parse_special)
         .def_readwrite("n_predict", &request::n_predict)
@@ -151,6 +153,8 @@ void bind_types(py::module_ & m) {
         .def_readwrite("sampling", &request::sampling)
         .def_readwrite("cache_prompt", &request::cache_prompt)
         .def_readwrite("speculative", &request::speculative)
+        .def_readwrite("lora", &request::lora)
+        .def_readwrite("has_lora", &request::has_lora)
         .def_readwrite("tag", &request::tag);
 
     py::class_<token_logprob>(m, "TokenLogprob")
@@ -230,7 +234,8 @@ void bind_types(py::module_ & m) {
         .def_readonly("add_bos", &model_info::add_bos)
         .def_readonly("embeddings", &model_info::embeddings)
         .def_readonly("pooling", &model_info::pooling)
-        .def_readonly("n_embd_tokens_max", &model_info::n_embd_tokens_max);
+        .def_readonly("n_embd_tokens_max", &model_info::n_embd_tokens_max)
+        .def_readonly("n_cls_out", &model_info::n_cls_out);
 
     py::class_<prepared>(m, "Prepared", "Requests validated and ready for Engine.submit() (once).")
         .def_readonly("n_prompt", &prepared::n_prompt)
@@ -266,6 +271,18 @@ void bind_types(py::module_ & m) {
         .def_readwrite("lookup_cache_static", &speculative_params::lookup_cache_static)
         .def_readwrite("lookup_cache_dynamic", &speculative_params::lookup_cache_dynamic);
 
+    py::class_<lora_adapter_params>(m, "LoraAdapterParams")
+        .def(py::init<>())
+        .def(py::init([](std::string path, float scale) { return lora_adapter_params{std::move(path), scale}; }),
+             py::arg("path"), py::arg("scale") = 1.0f)
+        .def_readwrite("path", &lora_adapter_params::path)
+        .def_readwrite("scale", &lora_adapter_params::scale);
+
+    py::class_<lora_adapter_info>(m, "LoraAdapter")
+        .def_readonly("id", &lora_adapter_info::id)
+        .def_readonly("path", &lora_adapter_info::path)
+        .def_readonly("scale", &lora_adapter_info::scale);
+
     py::class_<engine_params>(m, "EngineParams")
         .def(py::init<>())
         .def_readwrite("model_path", &engine_params::model_path)
@@ -291,6 +308,8 @@ void bind_types(py::module_ & m) {
         .def_readwrite("chat_template", &engine_params::chat_template)
         .def_readwrite("speculative", &engine_params::speculative)
         .def_readwrite("rpc_servers", &engine_params::rpc_servers)
+        .def_readwrite("loras", &engine_params::loras)
+        .def_readwrite("lora_init_without_apply", &engine_params::lora_init_without_apply)
         .def_readwrite("verbose", &engine_params::verbose);
 }
 
@@ -373,6 +392,8 @@ void bind_engine(py::module_ & m) {
             py::gil_scoped_release nogil;
             return e.stats();
         })
+        .def("lora_adapters", &engine::lora_adapters)
+        .def("set_lora_scales", &engine::set_lora_scales, py::arg("scales"))
         .def_property_readonly("info", &engine::info, py::return_value_policy::reference_internal)
         // A short input takes microseconds: releasing the GIL for it would let another thread
         // take the GIL, and the caller (the event loop) wait for its return.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections.abc
 import typing
 from llamabox import _core_testing as testing
-__all__: list[str] = ['ChatDelta', 'ChatMessage', 'ChatParser', 'ChatRender', 'ChatToolCall', 'ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'ModelInfo', 'NgramMapParams', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'SpeculativeOverride', 'SpeculativeParams', 'TokenLogprob', 'builtin_chat_templates', 'rpc_server', 'speculative_type_names', 'system_info', 'testing']
+__all__: list[str] = ['ChatDelta', 'ChatMessage', 'ChatParser', 'ChatRender', 'ChatToolCall', 'ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'LoraAdapter', 'LoraAdapterParams', 'ModelInfo', 'NgramMapParams', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'SpeculativeOverride', 'SpeculativeParams', 'TokenLogprob', 'builtin_chat_templates', 'rpc_server', 'speculative_type_names', 'system_info', 'testing']
 class InvalidRequest(ValueError):
     pass
 class ContextLength(InvalidRequest):
@@ -230,7 +230,10 @@ class SpeculativeOverride:
 class Request:
     add_special: bool
     cache_prompt: bool
+    document: str
+    has_lora: bool
     parse_special: bool
+    rerank: bool
     sampling: SamplingParams
     speculative: SpeculativeOverride
     tag: str
@@ -248,6 +251,12 @@ class Request:
         ...
     @kind.setter
     def kind(self, arg1: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def lora(self) -> list[tuple[int, float]]:
+        ...
+    @lora.setter
+    def lora(self, arg0: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex]]) -> None:
         ...
     @property
     def n_predict(self) -> int:
@@ -435,6 +444,9 @@ class ModelInfo:
     def fim_suf(self) -> int:
         ...
     @property
+    def n_cls_out(self) -> int:
+        ...
+    @property
     def n_ctx(self) -> int:
         ...
     @property
@@ -582,12 +594,37 @@ class SpeculativeParams:
     @types.setter
     def types(self, arg0: collections.abc.Sequence[str]) -> None:
         ...
+class LoraAdapterParams:
+    path: str
+    @typing.overload
+    def __init__(self) -> None:
+        ...
+    @typing.overload
+    def __init__(self, path: str, scale: typing.SupportsFloat | typing.SupportsIndex = 1.0) -> None:
+        ...
+    @property
+    def scale(self) -> float:
+        ...
+    @scale.setter
+    def scale(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+class LoraAdapter:
+    @property
+    def id(self) -> int:
+        ...
+    @property
+    def path(self) -> str:
+        ...
+    @property
+    def scale(self) -> float:
+        ...
 class EngineParams:
     cache_type_k: str
     cache_type_v: str
     chat_template: str
     embeddings: bool
     kv_unified: bool
+    lora_init_without_apply: bool
     model_path: str
     repack: bool
     speculative: SpeculativeParams
@@ -602,6 +639,12 @@ class EngineParams:
         ...
     @flash_attn.setter
     def flash_attn(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def loras(self) -> list[LoraAdapterParams]:
+        ...
+    @loras.setter
+    def loras(self, arg0: collections.abc.Sequence[LoraAdapterParams]) -> None:
         ...
     @property
     def n_batch(self) -> int:
@@ -688,6 +731,8 @@ class Engine:
         """
         Why the engine can no longer generate (a ggml RPC server went away), or None.
         """
+    def lora_adapters(self) -> list[LoraAdapter]:
+        ...
     def notify_fd(self) -> int:
         ...
     def poll_events(self) -> list[Event]:
@@ -714,6 +759,8 @@ class Engine:
         """
         Tokenizes, validates and builds the samplers, here (small requests; post_prepare for others). One request per id.
         """
+    def set_lora_scales(self, scales: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex]) -> None:
+        ...
     def start(self) -> None:
         ...
     def stats(self) -> EngineStats:

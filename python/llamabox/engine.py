@@ -38,9 +38,11 @@ from llamabox.types import (
     GenerationError,
     GenerationOutput,
     InvalidRequestError,
+    LoraAdapter,
     ModelInfo,
     ModelLoadError,
     QueueFullError,
+    RerankResult,
     SlotInfo,
     SpeculativeConfig,
     TokenLogprob,
@@ -56,7 +58,8 @@ _FINISH: dict[int, FinishReason] = {
     _core.FINISH_CANCELLED: "cancelled",
     _core.FINISH_ERROR: "error",
 }
-_POOLING = {"model": -1, "none": 0, "mean": 1, "cls": 2, "last": 3}
+_POOLING = {"model": -1, "none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
+POOLING_RANK = 4
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 
 # Up to this size (characters of text, or tokens) the work takes well under a millisecond
@@ -89,8 +92,12 @@ def _engine_params(config: EngineConfig) -> _core.EngineParams:
     p.kv_unified = config.kv_unified
     p.swa_full = config.swa_full
     p.n_queue_max = config.n_queue_max
-    p.embeddings = config.embeddings
-    p.pooling = _POOLING[config.pooling]
+    p.embeddings = config.embeddings or config.rerank
+    p.pooling = _POOLING["rank" if config.rerank else config.pooling]
+    p.loras = [_core.LoraAdapterParams(path, 1.0) for path in config.lora] + [
+        _core.LoraAdapterParams(path, scale) for path, scale in config.lora_scaled
+    ]
+    p.lora_init_without_apply = config.lora_init_without_apply
     p.chat_template = config.chat_template or ""
     p.speculative = _speculative_params(config.speculative)
     p.verbose = config.verbose
@@ -165,6 +172,9 @@ def _native_request(request: GenerateRequest, max_tokens: int) -> _core.Request:
             _set(so, "p_min", o.p_min, "speculative.p_min")
         so.type = o.type or ""
         req.speculative = so
+    if request.lora is not None:
+        _set(req, "lora", [(i, float(scale)) for i, scale in request.lora], "lora")
+        req.has_lora = True
     req.tag = request.request_id or ""
     sp, s = request.sampling, req.sampling
     for field in (
@@ -432,10 +442,14 @@ class Engine:
         core = self._require()
         if not self.model_info.embeddings:
             raise InvalidRequestError("this server was started without embeddings (--embeddings)")
+        if core.info.pooling == POOLING_RANK:
+            raise InvalidRequestError(
+                "this server reranks (--rerank): its model pools into relevance scores, not "
+                "embeddings; POST /v1/rerank"
+            )
         if not inputs:
             raise InvalidRequestError("the input is empty", param="input")
-        loop = asyncio.get_running_loop()
-        prepared_all = []
+        reqs = []
         for item in inputs:
             req = _core.Request()
             req.kind = _core.KIND_EMBEDDING
@@ -444,13 +458,63 @@ class Engine:
                 req.parse_special = False
             else:
                 req.prompt = _token_list(item, "input")
-            prepared_all.append(req)
-        ids = [next(self._ids) for _ in prepared_all]
-        inline = sum(len(x) for x in inputs) <= INLINE_MAX
+            reqs.append(req)
+        events = await self._run_embeddings(reqs, sum(len(x) for x in inputs) <= INLINE_MAX)
+        pooled = core.info.pooling != 0
+        results = []
+        for ev in events:
+            emb = ev.embedding
+            vec: list[float] | list[list[float]] = emb[0].tolist() if pooled else emb.tolist()
+            results.append(EmbeddingResult(embedding=vec, prompt_tokens=ev.n_prompt))
+        return results
+
+    async def rerank(self, query: str, documents: Sequence[str]) -> list[RerankResult]:
+        """A relevance score of each document for the query, in the documents' order (the
+        model's rank head over the pair, as its rerank template or separators lay it out)."""
+        core = self._require()
+        if core.info.pooling != POOLING_RANK:
+            raise InvalidRequestError("this server was started without reranking (--rerank)")
+        reqs = []
+        for doc in documents:
+            req = _core.Request()
+            req.kind = _core.KIND_EMBEDDING
+            req.rerank = True
+            req.text = query
+            req.document = doc
+            reqs.append(req)
+        results: list[RerankResult] = []
+        # In chunks that one embedding batch takes: any number of documents, a bounded queue.
+        chunk = 32
+        for start in range(0, len(reqs), chunk):
+            part = documents[start : start + chunk]
+            inline = (len(query) + 1) * len(part) + sum(map(len, part)) <= INLINE_MAX
+            events = await self._run_embeddings(
+                reqs[start : start + chunk], inline, "documents", start
+            )
+            results += [RerankResult(float(ev.embedding[0][0]), ev.n_prompt) for ev in events]
+        return results
+
+    async def _run_embeddings(
+        self, reqs: list[_core.Request], inline: bool, what: str = "input", first: int = 0
+    ) -> list[_core.Event]:
+        """Prepares (tokenizes) and submits embedding requests, all or none; their final events.
+        An input that cannot be taken is a 400 naming it (``what[first + i]``)."""
+        core = self._require()
+        loop = asyncio.get_running_loop()
+        ids = [next(self._ids) for _ in reqs]
+
+        async def prepare(i: int, req: _core.Request, id_req: int) -> Any:
+            try:
+                return await self._off_loop(inline, core.prepare, core.post_prepare, req, [id_req])
+            except InvalidRequestError as e:
+                if len(reqs) == 1 and first == 0 and what == "input":
+                    raise
+                raise InvalidRequestError(f"{what}[{first + i}]: {e}", param=what) from None
+
         batches = await asyncio.gather(
             *(
-                self._off_loop(inline, core.prepare, core.post_prepare, req, [id_req])
-                for req, id_req in zip(prepared_all, ids, strict=True)
+                prepare(i, req, id_req)
+                for i, (req, id_req) in enumerate(zip(reqs, ids, strict=True))
             )
         )
         futures: list[asyncio.Future[_core.Event]] = []
@@ -466,15 +530,23 @@ class Engine:
                 if self._embed_waiters.pop(id_req, None) is not None:
                     core.cancel(id_req)
             raise
-        pooled = core.info.pooling != 0
-        results = []
         for ev in events:
             if ev.finish != _core.FINISH_STOP or ev.embedding is None:
                 raise GenerationError(ev.error or "embedding failed")
-            emb = ev.embedding
-            vec: list[float] | list[list[float]] = emb[0].tolist() if pooled else emb.tolist()
-            results.append(EmbeddingResult(embedding=vec, prompt_tokens=ev.n_prompt))
-        return results
+        return list(events)
+
+    # ---- LoRA adapters ----
+
+    def lora_adapters(self) -> list[LoraAdapter]:
+        """The loaded adapters (ids in --lora, then --lora-scaled order) and current scales."""
+        return [LoraAdapter(a.id, a.path, a.scale) for a in self._require().lora_adapters()]
+
+    def set_lora_scales(self, scales: Sequence[float]) -> None:
+        """The server's scales from now on, one per adapter (requests without ``lora``)."""
+        try:
+            self._require().set_lora_scales([float(x) for x in scales])
+        except _core.InvalidRequest as e:
+            raise _invalid(e) from None
 
     # ---- slots ----
 

@@ -17,7 +17,7 @@ import msgspec
 from llamabox import _core
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
-PoolingType = Literal["model", "none", "mean", "cls", "last"]
+PoolingType = Literal["model", "none", "mean", "cls", "last", "rank"]
 
 _ENGINE = _core.EngineParams()
 _SAMPLING = _core.SamplingParams()
@@ -105,6 +105,13 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     n_queue_max: int = _ENGINE.n_queue_max  # requests waiting for a slot before submit fails
     embeddings: bool = _ENGINE.embeddings  # enable embed(), in a context of its own
     pooling: PoolingType = "model"
+    # --rerank: the embedding context pools with the model's rank head (implies embeddings)
+    rerank: bool = False
+    # LoRA adapters: --lora files at scale 1, then --lora-scaled (file, scale) pairs; ids in
+    # that order. With lora_init_without_apply they load at scale 0 (POST /lora-adapters).
+    lora: list[str] = msgspec.field(default_factory=list)
+    lora_scaled: list[tuple[str, float]] = msgspec.field(default_factory=list)
+    lora_init_without_apply: bool = False
     chat_template: str | None = None  # built-in name (chatml, llama3, ...) or Jinja source
     n_predict: int = _REQUEST.n_predict  # max tokens of requests without one; -1 = context full
     speculative: SpeculativeConfig = msgspec.field(default_factory=SpeculativeConfig)
@@ -155,6 +162,8 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     parse_special: bool = _REQUEST.parse_special  # special tokens written in the text count
     cache_prompt: bool = _REQUEST.cache_prompt  # reuse a slot's cached prefix
     speculative: SpeculativeOverride | None = None  # None: the server's settings
+    # LoRA (adapter id, scale) pairs, the adapters not named off; None: the server's scales
+    lora: list[tuple[int, float]] | None = None
     request_id: str | None = None  # for logs
 
 
@@ -199,6 +208,17 @@ class GenerationOutput(msgspec.Struct, kw_only=True):
 class EmbeddingResult(msgspec.Struct):
     embedding: list[float] | list[list[float]]  # L2-normalized; one per token when pooling "none"
     prompt_tokens: int
+
+
+class RerankResult(msgspec.Struct):
+    score: float  # the rank head's (first) output: a relevance logit, higher is more relevant
+    prompt_tokens: int
+
+
+class LoraAdapter(msgspec.Struct):
+    id: int
+    path: str
+    scale: float
 
 
 class ModelInfo(msgspec.Struct, kw_only=True):
