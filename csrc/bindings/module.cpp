@@ -314,7 +314,16 @@ void bind_types(py::module_ & m) {
 }
 
 void bind_engine(py::module_ & m) {
-    py::class_<engine>(m, "Engine")
+    // Freeing an engine (its contexts, the model's weights, GPU buffers) can take long: it runs
+    // with the GIL released, so the thread that drops the last reference (Engine.stop drops it
+    // on an executor thread) keeps no other thread from running Python meanwhile.
+    struct engine_deleter {
+        void operator()(engine * e) const {
+            py::gil_scoped_release nogil;
+            std::default_delete<engine>()(e);
+        }
+    };
+    py::class_<engine, std::unique_ptr<engine, engine_deleter>>(m, "Engine")
         .def(py::init<const engine_params &>(), py::call_guard<py::gil_scoped_release>(),
              "Loads the model and creates the context (blocking; releases the GIL).")
         .def("start", &engine::start)

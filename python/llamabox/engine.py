@@ -332,6 +332,7 @@ class Engine:
         loop.add_reader(core.notify_fd(), self._dispatch)
         self._loop = loop
         self._core = core
+        self._failure = None  # a failure (a lost RPC server) was the last engine's
         self._info = self._model_info(core)
 
     async def stop(self) -> None:
@@ -353,7 +354,11 @@ class Engine:
             if not fut.done():
                 fut.set_exception(EngineStoppedError("the engine stopped"))
         self._embed_waiters.clear()
+        # The last reference goes on an executor thread, where the native engine is freed
+        # (with the GIL released): freeing a large model must not stall the loop.
+        last = [core]
         del core
+        await self._loop.run_in_executor(None, last.clear)
 
     async def __aenter__(self) -> Engine:
         await self.start()
