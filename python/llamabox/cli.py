@@ -38,7 +38,9 @@ __all__ = [
     "parse_serve_args",
 ]
 
-Action = Literal["value", "append", "optional", "store_true", "store_false"]
+# append_pair: a flag taking two words (--lora-scaled FILE SCALE), each use one "A:B" text for
+# `parse`, whose variable holds such texts separated by commas
+Action = Literal["value", "append", "append_pair", "optional", "store_true", "store_false"]
 
 _ENGINE = EngineConfig(model="")
 _SPEC = SpeculativeConfig()
@@ -189,6 +191,25 @@ def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _lora_files(text: str) -> list[str]:
+    paths = [_path(item) for item in _csv(text)]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"no such file: {path!r}")
+    return paths
+
+
+def _lora_scaled(text: str) -> list[tuple[str, float]]:
+    out = []
+    for item in _csv(text):
+        path, sep, scale = item.rpartition(":")
+        if not sep or not path:
+            raise ValueError(f"expected FILE:SCALE, not {item!r}")
+        (file,) = _lora_files(path)
+        out.append((file, _float()(scale)))
+    return out
+
+
 def _flash_attn(text: str) -> str:
     value = text.strip().lower()
     if value in _TRUE:
@@ -277,6 +298,7 @@ def _ngram_flags(kind: str) -> tuple[Flag, ...]:
 
 _GROUPS = {
     "model": "model",
+    "models": "several models (each request's `model` picks one; each loads on first use)",
     "engine": "engine (context, batching, threads, KV cache)",
     "speculative": "speculative decoding (a draft model, or n-gram lookup in the text so far)",
     "sampling": "sampling defaults (a request's own values win)",
@@ -314,6 +336,22 @@ FLAGS: tuple[Flag, ...] = (
          "extra variables for the chat template, a JSON object, e.g. "
          "'{\"enable_thinking\": false}'; a request's chat_template_kwargs are laid over them",
          "model", metavar="JSON", default_text="none"),
+    Flag(("--models-dir",), ("LLAMA_ARG_MODELS_DIR",), "models_dir", _dir, None,
+         "serve every GGUF model in DIR, each named by its file stem (a subdirectory holding "
+         "one model counts too; mmproj files and split shards after the first do not), beside "
+         "-m's model", "models", metavar="DIR", default_text="none: one model"),
+    Flag(("--models-config",), ("LLAMA_ARG_MODELS_CONFIG",), "models_config", _path, None,
+         "serve the models a TOML or JSON file lists, each with its name, aliases and own "
+         "settings (serve flags by their long names, ttl, load-on-startup): README, \"Several "
+         "models\"", "models", metavar="FILE", default_text="none: one model"),
+    Flag(("--models-max",), ("LLAMA_ARG_MODELS_MAX",), "server.models_max", _int(lo=0),
+         _SERVER.models_max, "most models loaded at once; loading one more first unloads the "
+         "least recently used idle one (one in use is never unloaded: the load waits); 0 = no "
+         "limit", "models", metavar="N"),
+    Flag(("--models-ttl",), ("LLAMA_ARG_MODELS_TTL",), "server.models_ttl", _float(),
+         _SERVER.models_ttl, "seconds a model stays loaded once idle (Ollama's keep_alive of "
+         "a request overrides it); 0 or less = until --models-max needs the room", "models",
+         metavar="SECONDS", default_text="0: no idle unload"),
     Flag(("-c", "--ctx-size"), ("LLAMA_ARG_CTX_SIZE",), "engine.n_ctx", _int(lo=0),
          _ENGINE.n_ctx, "context size in tokens, split evenly over the slots; 0 = the model's "
          "training context", "engine", metavar="N"),
@@ -372,9 +410,26 @@ FLAGS: tuple[Flag, ...] = (
          _ENGINE.embeddings, "enable the embedding endpoints (/v1/embeddings, /api/embed)",
          "engine", action="store_true"),
     Flag(("--pooling",), ("LLAMA_ARG_POOLING",), "engine.pooling",
-         _choice("none", "mean", "cls", "last"), _ENGINE.pooling,
-         "how an embedding pools its tokens' vectors; none = one vector per token", "engine",
-         metavar="{none,mean,cls,last}", default_text="the model's"),
+         _choice("none", "mean", "cls", "last", "rank"), _ENGINE.pooling,
+         "how an embedding pools its tokens' vectors; none = one vector per token; rank = the "
+         "model's rank head (what --rerank sets)", "engine",
+         metavar="{none,mean,cls,last,rank}", default_text="the model's"),
+    Flag(("--rerank", "--reranking"), ("LLAMA_ARG_RERANKING",), "engine.rerank", None,
+         _ENGINE.rerank, "serve POST /v1/rerank (also /rerank): documents scored against a query "
+         "by the model's rank head (a cross-encoder or Qwen3-Reranker GGUF); implies "
+         "--embeddings with --pooling rank", "engine", action="store_true"),
+    Flag(("--lora",), ("LLAMA_ARG_LORA",), "engine.lora", _lora_files, [],
+         "LoRA adapter (GGUF) applied at scale 1; repeat the flag or separate files with commas "
+         "(ids 0, 1, ... in order, then --lora-scaled's)", "engine", action="append",
+         metavar="FILE", default_text="none"),
+    Flag(("--lora-scaled",), ("LLAMA_ARG_LORA_SCALED",), "engine.lora_scaled", _lora_scaled, [],
+         "LoRA adapter applied at scale SCALE; repeatable (the variable: FILE:SCALE,"
+         "FILE:SCALE)", "engine", action="append_pair", metavar="FILE SCALE",
+         default_text="none"),
+    Flag(("--lora-init-without-apply",), ("LLAMA_ARG_LORA_INIT_WITHOUT_APPLY",),
+         "engine.lora_init_without_apply", None, _ENGINE.lora_init_without_apply,
+         "load the LoRA adapters at scale 0: POST /lora-adapters or a request's `lora` applies "
+         "them", "engine", action="store_true"),
     Flag(("--spec-type",), ("LLAMA_ARG_SPEC_TYPE",), "spec.types", _spec_types, [],
          "comma-separated drafting types: draft-simple (needs --model-draft), ngram-simple, "
          "ngram-map-k, ngram-map-k4v, ngram-mod, ngram-cache, or none; several are tried in that "
@@ -645,6 +700,8 @@ def _serve_parser() -> argparse.ArgumentParser:
             kwargs.update(type=_convert(flag.parse), metavar=flag.metavar)
             if flag.action == "append":
                 kwargs.update(action="append")
+            elif flag.action == "append_pair":
+                kwargs.update(action="append", nargs=2, type=str, metavar=("FILE", "SCALE"))
             elif flag.action == "optional":
                 kwargs.update(nargs="?", const=flag.parse("on"))
         groups[flag.group].add_argument(*flag.flags, **kwargs)
@@ -658,6 +715,12 @@ def _resolve(flag: Flag, given: Any, environ: Mapping[str, str]) -> _Setting:
     if given is not None:
         if flag.action == "append":
             given = [item for chunk in given for item in chunk]
+        elif flag.action == "append_pair":
+            assert flag.parse is not None
+            try:
+                given = [item for a, b in given for item in flag.parse(f"{a}:{b}")]
+            except ValueError as e:
+                raise UsageError(f"{_long_name(flag)}: {e}") from None
         return _Setting(given, _long_name(flag), 2)
     parse = flag.parse or _parse_bool
     for name, negated in [(n, False) for n in flag.env] + [(n, True) for n in flag.env_negated]:
@@ -817,17 +880,50 @@ def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str]) -> ServerC
 
     model: str | None = settings["model"].value
     alias: str | None = settings["alias"].value
-    if model is None:
+    several = settings["models_dir"].level > 0 or settings["models_config"].level > 0
+    if model is None and several:
+        if alias is not None:
+            raise UsageError(f"{settings['alias'].source} names the -m model, and none is given")
+    elif model is None:
         from llamabox.models import DEFAULT_MODEL_NAME, default_model_path
 
         model = str(default_model_path())
         alias = alias or DEFAULT_MODEL_NAME
     sections["server"]["alias"] = alias
 
-    return ServerConfig(
-        engine=EngineConfig(model=model, **sections["engine"]),
+    config = ServerConfig(
+        engine=EngineConfig(model=model or "", **sections["engine"]),
         sampling=SamplingParams(**sections["sampling"]),
         **sections["server"],
+    )
+    if several:
+        config = _with_models(config, settings, model is not None)
+    return config
+
+
+def _with_models(
+    config: ServerConfig, settings: Mapping[str, _Setting], model_given: bool
+) -> ServerConfig:
+    """``config`` serving the models of --models-dir and --models-config too, the first (-m's
+    when given) as the default."""
+    from llamabox.model_set import ModelSetError, model_set
+
+    source = " / ".join(
+        settings[d].source for d in ("models_config", "models_dir") if settings[d].level
+    )
+    try:
+        models = model_set(
+            config,
+            FLAGS,
+            models_dir=settings["models_dir"].value,
+            models_config=settings["models_config"].value,
+            model_given=model_given,
+        )
+    except ModelSetError as e:
+        raise UsageError(f"{source}: {e}") from None
+    first = models[0]
+    return msgspec.structs.replace(
+        config, engine=first.engine, alias=first.name, sampling=first.sampling, models=models
     )
 
 

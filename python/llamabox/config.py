@@ -9,6 +9,17 @@ import msgspec
 from llamabox.types import EngineConfig, SamplingParams
 
 
+class ModelConfig(msgspec.Struct, kw_only=True):
+    """One model of several (--models-dir, --models-config): its name and its own settings."""
+
+    name: str  # the `model` that picks it on the wire
+    aliases: list[str] = []  # other names that pick it
+    engine: EngineConfig
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)  # request defaults
+    ttl: float | None = None  # idle seconds before it is unloaded; None: --models-ttl; <= 0: never
+    load_on_startup: bool = False
+
+
 class ServerConfig(msgspec.Struct, kw_only=True):
     engine: EngineConfig
     alias: str | None = None  # model name on the wire; default: the model file's stem
@@ -34,6 +45,11 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     reasoning_format: Literal["none", "auto", "deepseek", "deepseek-legacy"] = "auto"
     # --chat-template-kwargs: extra template variables (enable_thinking, ...), under a request's
     chat_template_kwargs: dict[str, Any] = {}
+    # Several models: every one the server may load, the default (`engine`, `alias`, `sampling`
+    # above) first; each loads on first use. None: the one model, loaded at start-up.
+    models: list[ModelConfig] | None = None
+    models_max: int = 4  # --models-max: most loaded at once (0: no limit), as llama-server's
+    models_ttl: float = 0.0  # --models-ttl: idle seconds before a model unloads (<= 0: never)
 
     @property
     def model_name(self) -> str:

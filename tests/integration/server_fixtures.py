@@ -124,11 +124,13 @@ def _spawn(args: Sequence[str], port: int, key: str | None) -> ServerProcess:
 
 @contextlib.contextmanager
 def start_server(
-    model: str | Path, *flags: str, api_key: str | None = None, wait: bool = True
+    model: str | Path | None, *flags: str, api_key: str | None = None, wait: bool = True
 ) -> Iterator[ServerProcess]:
-    """``python -m llamabox serve -m MODEL --port PORT FLAGS``; stopped (SIGTERM) on exit."""
+    """``python -m llamabox serve -m MODEL --port PORT FLAGS`` (no -m when MODEL is None: the
+    flags name the models); stopped (SIGTERM) on exit."""
     port = free_port()
-    args = [sys.executable, "-m", "llamabox", "serve", "-m", str(model), "--port", str(port)]
+    args = [sys.executable, "-m", "llamabox", "serve", "--port", str(port)]
+    args += ["-m", str(model)] if model is not None else []
     args += ["--threads", "2", *flags]
     if api_key:
         args += ["--api-key", api_key]

@@ -501,6 +501,44 @@ BAD: list[Case] = [
     ("/v1/messages/count_tokens", {}),
     ("/v1/messages/count_tokens", {"messages": "x"}),
     ("/v1/messages", b"[1, 2"),
+    # -- models: llama-server's router's control (this server has one model), keep_alive
+    *[
+        (path, body)
+        for path in ("/models/load", "/models/unload")
+        for body in (
+            {},
+            {"model": 5},
+            {"model": ""},
+            {"model": None},
+            {"model": "no-such-model"},
+            {"model": ["tiny"]},
+            [1],
+            "tiny",
+            b"{oops",
+            b"",
+        )
+    ],  # fmt: skip
+    ("/models/load", {"model": "tiny"}),  # loaded already
+    ("/models/unload", {"model": "tiny"}),  # the one model stays loaded
+    ("/api/generate", {**OLLAMA, "keep_alive": "soon"}),
+    ("/api/generate", {**OLLAMA, "keep_alive": "5m3"}),
+    ("/api/generate", {**OLLAMA, "keep_alive": [1]}),
+    ("/api/generate", {**OLLAMA, "keep_alive": "9" * 100}),
+    ("/api/chat", {**OLLAMA_CHAT, "keep_alive": {"x": 1}}),
+    ("/api/embed", {"input": "x", "keep_alive": True}),
+    # -- rerank (this server does not rerank: 501 once the body is well formed) and LoRA
+    ("/v1/rerank", {"query": "q", "documents": ["a"]}),
+    ("/rerank", {"query": "q", "texts": ["a"]}),
+    ("/v1/rerank", {"query": "q"}),
+    ("/v1/rerank", {"query": "q", "documents": "a"}),
+    ("/v1/rerank", {"query": "q", "documents": [{"txt": "a"}]}),
+    ("/v1/rerank", {"query": ["q"], "documents": ["a"]}),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": "2"}),
+    ("/v1/rerank", b"{"),
+    ("/lora-adapters", [{"id": 0, "scale": 1.0}]),
+    ("/lora-adapters", {"id": 0}),
+    *_on_all("lora", [{"id": 0, "scale": 1.0}], [{"id": -1, "scale": 1.0}], "x", [{"id": 0}]),
+    ("/v1/chat/completions", {**CHAT, "lora": [{"id": 0, "scale": float("nan")}]}),
 ]
 
 # Edge cases that are fine (they once took the server down or answered 500): they must work.

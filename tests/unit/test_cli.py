@@ -122,6 +122,8 @@ ENV_CASES = [
     ("LLAMA_ARG_FLASH_ATTN", "auto", "engine.flash_attn", "auto"),
     ("LLAMA_ARG_HOST", "0.0.0.0", "host", "0.0.0.0"),
     ("LLAMA_ARG_PORT", "1234", "port", 1234),
+    ("LLAMA_ARG_MODELS_MAX", "2", "models_max", 2),
+    ("LLAMA_ARG_MODELS_TTL", "30", "models_ttl", 30.0),
     ("LLAMA_ARG_CACHE_TYPE_K", "q8_0", "engine.cache_type_k", "q8_0"),
     ("LLAMA_ARG_CACHE_TYPE_V", "bf16", "engine.cache_type_v", "bf16"),
     ("LLAMA_ARG_TIMEOUT", "12.5", "timeout", 12.5),
@@ -190,6 +192,8 @@ ENV_CASES = [
     ("LLAMA_ARG_SPEC_NGRAM_MOD_N_MAX", "32", "engine.speculative.ngram_mod_n_max", 32),
     ("LLAMA_ARG_LOOKUP_NGRAM_MIN", "1", "engine.speculative.types", ["ngram-cache"]),
     ("LLAMA_ARG_REASONING_FORMAT", "none", "reasoning_format", "none"),
+    ("LLAMA_ARG_RERANKING", "1", "engine.rerank", True),
+    ("LLAMA_ARG_LORA_INIT_WITHOUT_APPLY", "yes", "engine.lora_init_without_apply", True),
     ("LLAMA_CHAT_TEMPLATE_KWARGS", '{"enable_thinking": false}', "chat_template_kwargs",
      {"enable_thinking": False}),
 ]  # fmt: skip
@@ -211,7 +215,10 @@ def test_every_env_var_is_read() -> None:
                 # accepted only at their defaults: test_llama_servers_spellings
                 "LLAMA_ARG_CONT_BATCHING", "LLAMA_ARG_CONTEXT_SHIFT", "LLAMA_ARG_JINJA",
                 "LLAMA_ARG_SLOT_SAVE_PATH",  # a directory: test_slot_save_path
-                # files: test_speculative_files
+                # a directory and a file: tests/unit/test_model_set.py
+                "LLAMA_ARG_MODELS_DIR", "LLAMA_ARG_MODELS_CONFIG",
+                # files: test_speculative_files, test_lora_files
+                "LLAMA_ARG_LORA", "LLAMA_ARG_LORA_SCALED",
                 "LLAMA_ARG_MODEL_DRAFT", "LLAMA_ARG_SPEC_DRAFT_MODEL",
                 "LLAMA_ARG_LOOKUP_CACHE_STATIC", "LLAMA_ARG_LOOKUP_CACHE_DYNAMIC"}  # fmt: skip
     every = {e for flag in FLAGS for e in (*flag.env, *flag.env_negated)}
@@ -285,7 +292,7 @@ def test_bad_env_values(environ: dict[str, str], match: str) -> None:
     ("argv", "match"),
     [
         (["-c", "x"], "argument -c/--ctx-size: expected an integer"),
-        (["--pooling", "rank"], "argument --pooling: expected one of none, mean, cls, last"),
+        (["--pooling", "max"], "argument --pooling: expected one of none, mean, cls, last, rank"),
         (["--log-format", "xml"], "expected one of text, json"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--temp"], "expected one argument"),
@@ -591,3 +598,30 @@ def test_slot_save_path(tmp_path: Path) -> None:
     assert parse_serve_args(M, env).slot_save_path == str(tmp_path)
     with pytest.raises(UsageError, match="not a directory"):
         parse_serve_args([*M, "--slot-save-path", str(tmp_path / "missing")], {})
+
+
+def test_lora_files(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"x")
+    b.write_bytes(b"x")
+    config = parse("--lora", str(a), "--lora-scaled", str(b), "0.5", "--lora-scaled", str(a), "-1")
+    assert config.engine.lora == [str(a)]
+    assert config.engine.lora_scaled == [(str(b), 0.5), (str(a), -1.0)]
+    env = parse(LLAMA_ARG_LORA=f"{a},{b}", LLAMA_ARG_LORA_SCALED=f"{b}:0.25,{a}:2")
+    assert env.engine.lora == [str(a), str(b)]
+    assert env.engine.lora_scaled == [(str(b), 0.25), (str(a), 2.0)]
+    assert parse("--lora", str(a), LLAMA_ARG_LORA=str(b)).engine.lora == [str(a)]
+    with pytest.raises(UsageError, match="no such file"):
+        parse("--lora", str(tmp_path / "missing.gguf"))
+    with pytest.raises(UsageError, match="--lora-scaled: .*number"):
+        parse("--lora-scaled", str(a), "big")
+    with pytest.raises(UsageError, match="LLAMA_ARG_LORA_SCALED.*FILE:SCALE"):
+        parse(LLAMA_ARG_LORA_SCALED=str(a))
+    with pytest.raises(UsageError, match="expected 2 arguments"):
+        parse("--lora-scaled", str(a))
+
+
+def test_rerank_flag() -> None:
+    assert parse("--rerank").engine.rerank
+    assert parse("--reranking").engine.rerank
+    assert parse("--pooling", "rank").engine.pooling == "rank"

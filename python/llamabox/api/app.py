@@ -3,6 +3,9 @@ client-disconnect cancellation and graceful draining.
 
 The model loads in the background once the lifespan starts, so the server listens at once and
 ``/health`` answers 503 "Loading model" until it is ready (then 200 ``{"status": "ok"}``).
+With several models (``--models-dir``, ``--models-config``) each loads on first use
+(``api/models_registry.py``) and ``/health`` is 200 once the server listens, as llama-server's
+router answers: ``GET /models`` says the state of each.
 """
 
 from __future__ import annotations
@@ -14,7 +17,18 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from llamabox.api import messages, metrics, native, ollama, openai, responses, slot_files
+from llamabox.api import (
+    lora,
+    messages,
+    metrics,
+    model_routes,
+    native,
+    ollama,
+    openai,
+    rerank,
+    responses,
+    slot_files,
+)
 from llamabox.api.errors import APIError, error_body, from_exception, ollama_body
 from llamabox.api.http import (
     ClientDisconnected,
@@ -33,6 +47,7 @@ from llamabox.api.http import (
     read_body,
     send_response,
 )
+from llamabox.api.models_registry import EngineFactory
 from llamabox.api.state import AppState, EngineLike
 from llamabox.config import ServerConfig
 from llamabox.logs import request_id_var
@@ -45,6 +60,8 @@ Handled = Response | StreamResponse
 
 
 async def health(req: Request, state: AppState) -> Response:
+    if not state.models.single:
+        return json_response({"status": "ok"})
     if state.load_error is not None:
         raise APIError(500, f"Model failed to load: {state.load_error}")
     if not state.engine.is_loaded:
@@ -57,9 +74,11 @@ async def health(req: Request, state: AppState) -> Response:
 class LlamaboxApp:
     """ASGI callable. ``startup``/``shutdown`` are what the lifespan protocol runs."""
 
-    def __init__(self, config: ServerConfig, engine: EngineLike) -> None:
+    def __init__(
+        self, config: ServerConfig, engine: EngineLike, engine_factory: EngineFactory | None = None
+    ) -> None:
         self.config = config
-        self.state = AppState(config, engine)
+        self.state = AppState(config, engine, engine_factory)
         self.router: Router[AppState] = Router(
             [
                 Route("GET", "/health", health, public=True, needs_model=False),
@@ -67,10 +86,13 @@ class LlamaboxApp:
                 *metrics.routes(),
                 *native.routes(),
                 *slot_files.routes(),
+                *lora.routes(),
+                *rerank.routes(),
                 *openai.routes(),
                 *responses.routes(),
                 *messages.routes(),
                 *ollama.routes(),
+                *model_routes.routes(),
             ]
         )
         self._keys = [key.encode() for key in config.api_keys]
@@ -107,7 +129,9 @@ class LlamaboxApp:
         """Start loading the model in the background; requests get 503 until it is loaded."""
         self._idle = asyncio.Event()
         self._idle.set()
-        if not self.state.engine.is_loaded and self.load_task is None:
+        if not self.state.models.single:
+            self.state.models.start()
+        elif not self.state.engine.is_loaded and self.load_task is None:
             self.load_task = asyncio.create_task(self._load(), name="llamabox-load")
 
     async def _load(self) -> None:
@@ -136,10 +160,7 @@ class LlamaboxApp:
         await self.drain(self.config.timeout)
         if self.load_task is not None and not self.load_task.done():
             await asyncio.wait([self.load_task])  # the load runs off the loop; let it end
-        try:
-            await self.state.engine.stop()
-        except Exception:
-            logger.exception("engine stop failed")
+        await self.state.models.close()
 
     async def drain(self, timeout: float) -> None:
         """Wait for in-flight requests; cancel those still running after ``timeout`` seconds.
@@ -184,6 +205,7 @@ class LlamaboxApp:
         status = 499  # client closed the request, unless we get to answer
         watcher: asyncio.Task[None] | None = None
         generates = False
+        leases = self.state.models.open_request()
         try:
             prepared = await self._prepare(req, receive)
             if isinstance(prepared, Route):
@@ -207,6 +229,7 @@ class LlamaboxApp:
         finally:
             if watcher is not None:
                 watcher.cancel()
+            self.state.models.close_request(leases)  # the models it used are free again
             self._requests.pop(task, None)
             self._aborted.discard(task)
             if not self._requests and self._idle is not None:
@@ -244,7 +267,7 @@ class LlamaboxApp:
                 raise APIError(401, "Invalid API Key", code="invalid_api_key")
             if self.closing and route.generates:
                 raise APIError(503, "Server is shutting down", headers={"Retry-After": "1"})
-            if route.needs_model:
+            if route.needs_model and self.state.models.single:
                 self._check_ready()
             if req.method == "POST":
                 task: asyncio.Task[object] = asyncio.current_task()  # type: ignore[assignment]
@@ -271,9 +294,23 @@ class LlamaboxApp:
 
     async def _call(self, route: Route[AppState], req: Request) -> Handled:
         try:
-            return await route.handler(req, self.state)
+            state = self.state
+            if route.needs_model and not route.picks_model and not state.models.single:
+                state = await self._model_of(route, req)
+            return await route.handler(req, state)
         except Exception as exc:
             return self._error(exc, route)
+
+    async def _model_of(self, route: Route[AppState], req: Request) -> AppState:
+        """Several models: the state of the one ``?model=`` names (llama-server's router's way
+        for GET routes), for a route whose body names none. A GET is not counted as a use."""
+        query = req.query
+        autoload = route.autoload
+        if "autoload" in query:
+            autoload = query["autoload"].strip().lower() in ("1", "true", "on", "yes")
+        return await self.state.use_model(
+            query.get("model"), autoload=autoload, touch=req.method != "GET"
+        )
 
     def _error(
         self, exc: BaseException, route: Route[AppState] | None, ollama: bool = False
@@ -308,10 +345,17 @@ def _awaiting(task: asyncio.Task[object]) -> str:
     return where
 
 
-def create_app(config: ServerConfig, engine: EngineLike | None = None) -> LlamaboxApp:
-    """The ASGI app serving ``config``; builds ``llamabox.engine.Engine`` unless given one."""
-    if engine is None:
+def create_app(
+    config: ServerConfig,
+    engine: EngineLike | None = None,
+    engine_factory: EngineFactory | None = None,
+) -> LlamaboxApp:
+    """The ASGI app serving ``config``; builds ``llamabox.engine.Engine`` unless given one.
+    With several models (``config.models``), ``engine`` is the default model's and
+    ``engine_factory`` makes the others' (default: ``Engine``)."""
+    if engine is None or (engine_factory is None and config.models is not None):
         from llamabox.engine import Engine
 
-        engine = Engine(config.engine)
-    return LlamaboxApp(config, engine)
+        engine = engine or Engine(config.engine)
+        engine_factory = engine_factory or Engine
+    return LlamaboxApp(config, engine, engine_factory)

@@ -288,6 +288,10 @@ class Route(Generic[S]):
     needs_model: bool = True  # 503 "Loading model" until the engine is loaded
     generates: bool = False  # cancelled when the client disconnects
     ollama: bool = False  # errors in Ollama's shape
+    # Several models: the handler picks its model itself (AppState.use_model, by the body's
+    # `model`); else the app gives it the state of the `?model=` one (default: the first).
+    picks_model: bool = False
+    autoload: bool = True  # several models: a request for an unloaded one loads it
 
 
 _PARAM = re.compile(r"\{(\w+)\}$")

@@ -246,6 +246,7 @@ def _usage(u: Usage) -> MessagesUsage:
 
 async def create_message(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_request)
+    state = await state.use_model(body.model)
     streams, readers, _ = await start_chat(req, state, chat_request(body))
     mid = f"msg_{new_id()}"
     if body.stream:
@@ -321,6 +322,7 @@ async def _events(
 
 async def count_tokens(req: Request, state: AppState) -> Response:
     body = req.decode(_count_request)
+    state = await state.use_model(body.model)
     chat, _ = await prepare_chat(req, state, chat_request(body))
     tokens = await state.engine.tokenize(chat.prompt)
     return json_response(TokenCount(len(tokens)))
@@ -330,7 +332,13 @@ def routes() -> list[Route[AppState]]:
     out: list[Route[AppState]] = []
     for prefix in ("/v1", ""):
         out += [
-            Route("POST", f"{prefix}/messages", create_message, generates=True),
-            Route("POST", f"{prefix}/messages/count_tokens", count_tokens, generates=True),
+            Route("POST", f"{prefix}/messages", create_message, generates=True, picks_model=True),
+            Route(
+                "POST",
+                f"{prefix}/messages/count_tokens",
+                count_tokens,
+                generates=True,
+                picks_model=True,
+            ),
         ]
     return out

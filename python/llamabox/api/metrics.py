@@ -74,4 +74,4 @@ async def metrics(req: Request, state: AppState) -> Response:
 
 
 def routes() -> list[Route[AppState]]:
-    return [Route("GET", "/metrics", metrics)]
+    return [Route("GET", "/metrics", metrics, autoload=False)]  # a scrape never loads a model

@@ -155,6 +155,7 @@ async def slots(req: Request, state: AppState) -> Response:
 
 async def tokenize(req: Request, state: AppState) -> Response:
     body = req.decode(_tokenize_request)
+    state = await state.use_model(body.model, touch=False)
     tokens = await state.engine.tokenize(body.content, body.add_special, body.parse_special)
     if not body.with_pieces:
         return json_response(TokenizeResponse(tokens))
@@ -173,11 +174,13 @@ def _piece(piece: bytes) -> str | list[int]:
 
 async def detokenize(req: Request, state: AppState) -> Response:
     body = req.decode(_detokenize_request)
+    state = await state.use_model(body.model, touch=False)
     return json_response(DetokenizeResponse(await state.engine.detokenize(body.tokens)))
 
 
 async def apply_template(req: Request, state: AppState) -> Response:
     body = req.decode(_template_request)
+    state = await state.use_model(body.model, touch=False)
     prompt = await render_chat(state, message_dicts(body.messages))
     return json_response(ApplyTemplateResponse(prompt))
 
@@ -197,6 +200,7 @@ async def _prompt(state: AppState, prompt: str | list[str | int]) -> Prompt:
 
 async def completion(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_completion_request)
+    state = await state.use_model(body.model)
     return await _generate(req, state, body, await _prompt(state, body.prompt))
 
 
@@ -206,6 +210,7 @@ async def infill(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_infill_request)
     if not isinstance(body.prompt, str):
         raise InvalidRequestError("infill takes the prompt as text", param="prompt")
+    state = await state.use_model(body.model)
     extra = "".join(f"{e.filename}\n{e.text}\n" for e in body.input_extra)
     tokens = await infill_tokens(state, body.input_prefix, body.input_suffix, body.prompt, extra)
     return await _generate(req, state, body, tokens)
@@ -302,10 +307,10 @@ async def _events(view: _View, stream: RequestStreamLike) -> AsyncIterator[bytes
 def routes() -> list[Route[AppState]]:
     return [
         Route("GET", "/props", props),
-        Route("GET", "/slots", slots),
-        Route("POST", "/tokenize", tokenize),
-        Route("POST", "/detokenize", detokenize),
-        Route("POST", "/apply-template", apply_template),
-        Route("POST", "/completion", completion, generates=True),
-        Route("POST", "/infill", infill, generates=True),
+        Route("GET", "/slots", slots, autoload=False),  # monitoring never loads a model
+        Route("POST", "/tokenize", tokenize, picks_model=True),
+        Route("POST", "/detokenize", detokenize, picks_model=True),
+        Route("POST", "/apply-template", apply_template, picks_model=True),
+        Route("POST", "/completion", completion, generates=True, picks_model=True),
+        Route("POST", "/infill", infill, generates=True, picks_model=True),
     ]

@@ -1,11 +1,13 @@
 """Ollama's API: /api/generate, /api/chat (NDJSON streams ending with ``"done": true``),
-/api/tags, /api/show, /api/embed, /api/version. Errors in Ollama's ``{"error": "..."}`` shape.
+/api/tags, /api/ps, /api/show, /api/embed, /api/version. Errors in Ollama's ``{"error": "..."}``
+shape. A request's ``keep_alive`` sets how long its model stays loaded once idle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -18,6 +20,7 @@ import msgspec
 from llamabox.api.chat_setup import AnswerReader, setup_chat
 from llamabox.api.errors import APIError, from_exception, ollama_body
 from llamabox.api.http import Request, Response, Route, StreamResponse, json_response
+from llamabox.api.models_registry import ModelEntry
 from llamabox.api.protocol import AssistantMessage, ChatFields, ToolCall
 from llamabox.api.protocol_ollama import (
     OllamaAssistantMessage,
@@ -33,6 +36,8 @@ from llamabox.api.protocol_ollama import (
     OllamaModel,
     OllamaModelDetails,
     OllamaOptions,
+    OllamaRunning,
+    OllamaRunningModel,
     OllamaShowRequest,
     OllamaShowResponse,
     OllamaTags,
@@ -185,11 +190,55 @@ async def _ndjson(lines: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
             await aclose()
 
 
-def _loaded(line: LineMaker) -> Response:
-    """Ollama answers an empty prompt by loading the model: done at once."""
+def _loaded(line: LineMaker, reason: str = "load") -> Response:
+    """Ollama answers an empty prompt by loading the model (or, with keep_alive 0, unloading
+    it): done at once."""
     out = line("", True)
-    out.done_reason = "load"
+    out.done_reason = reason
     return json_response(out)
+
+
+# Go's time.ParseDuration units, as Ollama reads keep_alive ("5m", "1h30m", "-1s").
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
+                 "m": 60.0, "h": 3600.0}  # fmt: skip
+
+
+def keep_alive_seconds(value: str | float | None) -> float | None:
+    """Ollama's keep_alive in seconds (negative: forever, 0: unload at once); None: not given.
+    A number is seconds; a text is a Go duration, or a number of seconds."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.lstrip("+"))
+            parts = _DURATION_PART.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise InvalidRequestError(
+                    f"keep_alive {value!r} is not a duration (like 5m, 1h30m or 300s) or a "
+                    "number of seconds",
+                    param="keep_alive",
+                ) from None
+            seconds = sign * sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds):
+        return -1.0 if seconds < 0 else 2.0**40  # as good as forever, either way
+    return seconds
+
+
+async def _model(state: AppState, name: str, keep_alive: str | float | None) -> AppState:
+    return await state.use_model(name, keep_alive=keep_alive_seconds(keep_alive))
+
+
+def _unload(state: AppState, name: str, line: Callable[[str], LineMaker]) -> Response:
+    """keep_alive 0 and nothing to generate: unload the model (when loaded), at once."""
+    entry = state.models.find(name)
+    state.models.unload_if_loaded(entry)
+    return _loaded(line(entry.name), "unload")
 
 
 def _no_images(images: list[str] | None, param: str) -> None:
@@ -200,6 +249,9 @@ def _no_images(images: list[str] | None, param: str) -> None:
 async def generate(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_generate_request)
     _no_images(body.images, "images")
+    if not body.prompt and not body.suffix and keep_alive_seconds(body.keep_alive) == 0:
+        return _unload(state, body.model, _generate_line)
+    state = await _model(state, body.model, body.keep_alive)
     line = _generate_line(state.model_name)
     prompt: Prompt
     if body.suffix:
@@ -269,6 +321,9 @@ def _ollama_call(index: int, call: ToolCall) -> OllamaToolCall:
 
 async def chat(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_chat_request)
+    if not body.messages and keep_alive_seconds(body.keep_alive) == 0:
+        return _unload(state, body.model, _chat_line)
+    state = await _model(state, body.model, body.keep_alive)
     line = _chat_line(state.model_name)
     if not body.messages:
         return _loaded(line)
@@ -333,6 +388,7 @@ async def embed_(req: Request, state: AppState) -> Response:
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise InvalidRequestError("input is empty", param="input")
+    state = await _model(state, body.model, body.keep_alive)
     started = time.monotonic_ns()
     inputs: list[Prompt] = list(texts)
     if body.truncate:
@@ -374,27 +430,58 @@ def _details(info: ModelInfo) -> OllamaModelDetails:
     )
 
 
-async def tags(req: Request, state: AppState) -> Response:
-    info = state.engine.model_info
-    path = Path(info.path)
-    mtime = path.stat().st_mtime if path.exists() else state.created
-    digest = hashlib.sha256(f"{path}:{info.size_bytes}:{mtime}".encode()).hexdigest()
-    model = OllamaModel(
-        name=state.model_name,
-        model=state.model_name,
+def _model_entry(state: AppState, entry: ModelEntry) -> OllamaModel:
+    """A model as /api/tags lists it; one never loaded is described by its file alone."""
+    info = entry.engine.model_info if entry.engine.is_loaded else entry.info
+    path = Path(info.path if info else entry.spec.engine.model)
+    stat = path.stat() if path.exists() else None
+    mtime = stat.st_mtime if stat else state.created
+    size = info.size_bytes if info else stat.st_size if stat else 0
+    digest = hashlib.sha256(f"{path}:{size}:{mtime}".encode()).hexdigest()
+    details = _details(info) if info else OllamaModelDetails(
+        family="", families=[], parameter_size="", quantization_level=""
+    )  # fmt: skip
+    return OllamaModel(
+        name=entry.name,
+        model=entry.name,
         modified_at=datetime.fromtimestamp(mtime, timezone.utc).isoformat(),
-        size=info.size_bytes,
+        size=size,
         digest=digest,
-        details=_details(info),
+        details=details,
     )
-    return json_response(OllamaTags([model]))
+
+
+async def tags(req: Request, state: AppState) -> Response:
+    return json_response(OllamaTags([_model_entry(state, e) for e in state.models.entries]))
+
+
+# Ollama's expires_at of a model kept loaded for good (now + Go's longest duration).
+_FOREVER_S = 2**63 / 1e9
+
+
+async def ps(req: Request, state: AppState) -> Response:
+    """The loaded models and when each unloads if it stays idle (Ollama's /api/ps)."""
+    running = []
+    for entry in state.models.entries:
+        if entry.status != "loaded":
+            continue
+        listed = _model_entry(state, entry)
+        expires = state.models.expires_at(entry)
+        if expires is None:
+            expires = time.time() + (entry.idle_ttl if entry.idle_ttl is not None else _FOREVER_S)
+        at = datetime.fromtimestamp(min(expires, 253402300799.0), timezone.utc)
+        running.append(
+            OllamaRunningModel(**msgspec.structs.asdict(listed), expires_at=at.isoformat())
+        )
+    return json_response(OllamaRunning(running))
 
 
 async def show(req: Request, state: AppState) -> Response:
     body = req.decode(_show_request)
     name = body.model or body.name
-    if not state.model_matches(name):
+    if not state.models.exists(name):
         raise APIError(404, f"model '{name}' not found")
+    state = await state.use_model(name, touch=False)
     info = state.engine.model_info
     arch = info.architecture
     capabilities = ["completion"]
@@ -425,10 +512,11 @@ async def version(req: Request, state: AppState) -> Response:
 
 def routes() -> list[Route[AppState]]:
     return [
-        Route("POST", "/api/generate", generate, generates=True, ollama=True),
-        Route("POST", "/api/chat", chat, generates=True, ollama=True),
-        Route("POST", "/api/embed", embed_, generates=True, ollama=True),
-        Route("GET", "/api/tags", tags, ollama=True),
-        Route("POST", "/api/show", show, ollama=True),
+        Route("POST", "/api/generate", generate, generates=True, ollama=True, picks_model=True),
+        Route("POST", "/api/chat", chat, generates=True, ollama=True, picks_model=True),
+        Route("POST", "/api/embed", embed_, generates=True, ollama=True, picks_model=True),
+        Route("GET", "/api/tags", tags, ollama=True, picks_model=True),
+        Route("GET", "/api/ps", ps, ollama=True, picks_model=True),
+        Route("POST", "/api/show", show, ollama=True, picks_model=True),
         Route("GET", "/api/version", version, needs_model=False, ollama=True),
     ]

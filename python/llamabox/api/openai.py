@@ -1,4 +1,5 @@
-"""OpenAI's endpoints: models, chat completions, completions, embeddings (with and without /v1)."""
+"""OpenAI's endpoints: chat completions, completions, embeddings (with and without /v1); the
+models list is ``model_routes``'."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import numpy as np
 
 from llamabox.api import sse
 from llamabox.api.chat_setup import AnswerReader, start_chat
-from llamabox.api.errors import APIError
 from llamabox.api.http import Request, Response, Route, StreamResponse, json_response, new_id
 from llamabox.api.protocol import (
     AssistantMessage,
@@ -32,9 +32,6 @@ from llamabox.api.protocol import (
     EmbeddingList,
     EmbeddingRequest,
     EmbeddingUsage,
-    ModelCard,
-    ModelList,
-    ModelMeta,
     UsageInfo,
 )
 from llamabox.api.serving import (
@@ -80,35 +77,6 @@ def _text(piece: bytes) -> str:
     return piece.decode("utf-8", "replace")
 
 
-def model_card(state: AppState) -> ModelCard:
-    card = ModelCard(id=state.model_name, created=state.created)
-    if state.config.tags:
-        card.tags = list(state.config.tags)
-    if state.engine.is_loaded:
-        info = state.engine.model_info
-        card.meta = ModelMeta(
-            n_vocab=info.n_vocab,
-            n_ctx_train=info.n_ctx_train,
-            n_embd=info.n_embd,
-            n_params=info.n_params,
-            size=info.size_bytes,
-        )
-    return card
-
-
-async def list_models(req: Request, state: AppState) -> Response:
-    return json_response(ModelList(data=[model_card(state)]))
-
-
-async def get_model(req: Request, state: AppState) -> Response:
-    model_id = req.path_params["model_id"]
-    if not state.model_matches(model_id):
-        raise APIError(
-            404, f"The model '{model_id}' does not exist", param="model", code="model_not_found"
-        )
-    return json_response(model_card(state))
-
-
 def _chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
     return ChatLogprobs(
         [
@@ -125,6 +93,7 @@ def _chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
 
 async def chat_completions(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_chat_request)
+    state = await state.use_model(body.model)
     streams, readers, template = await start_chat(req, state, body)
     stamp = _Stamp(state, "chatcmpl")
     with_logprobs = template.sampling.logprobs
@@ -245,6 +214,7 @@ async def _completion_prompts(state: AppState, body: CompletionRequest) -> list[
 
 async def completions(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_completion_request)
+    state = await state.use_model(body.model)
     check_n(state, body.n)
     prompts = await _completion_prompts(state, body)
     template = await generate_template(
@@ -334,6 +304,7 @@ def _base64_f32(vector: list[float]) -> str:
 
 async def embeddings(req: Request, state: AppState) -> Response:
     body = req.decode(_embedding_request)
+    state = await state.use_model(body.model)
     check_embeddings(state)
     results = await embed(state, prompt_list(body.input, "input"))
     as_base64 = body.encoding_format == "base64"
@@ -354,11 +325,14 @@ def routes() -> list[Route[AppState]]:
     out: list[Route[AppState]] = []
     for prefix in ("/v1", ""):
         out += [
-            # A listed model is one a client may use: 503 while it loads, as /health says.
-            Route("GET", f"{prefix}/models", list_models),
-            Route("GET", f"{prefix}/models/{{model_id}}", get_model),
-            Route("POST", f"{prefix}/chat/completions", chat_completions, generates=True),
-            Route("POST", f"{prefix}/completions", completions, generates=True),
-            Route("POST", f"{prefix}/embeddings", embeddings, generates=True),
+            Route(
+                "POST",
+                f"{prefix}/chat/completions",
+                chat_completions,
+                generates=True,
+                picks_model=True,
+            ),
+            Route("POST", f"{prefix}/completions", completions, generates=True, picks_model=True),
+            Route("POST", f"{prefix}/embeddings", embeddings, generates=True, picks_model=True),
         ]
     return out

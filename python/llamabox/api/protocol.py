@@ -156,6 +156,16 @@ class SpeculativeFields(Struct, kw_only=True, forbid_unknown_fields=True):
     type: SpeculativeType | None = None
 
 
+class LoraScale(Struct, kw_only=True, forbid_unknown_fields=True):
+    """One LoRA adapter's scale (``GET /lora-adapters`` lists the ids)."""
+
+    id: Annotated[int, Meta(ge=0, le=1_000_000)]
+    scale: Annotated[float, Meta(ge=-1e6, le=1e6)]
+
+
+LoraScales = Annotated[list[LoraScale], Meta(max_length=1024)]
+
+
 class SamplingFields(Struct, kw_only=True):
     """Sampling and stopping fields every generation endpoint takes (llama.cpp's names)."""
 
@@ -182,6 +192,8 @@ class SamplingFields(Struct, kw_only=True):
     speculative_n_max: DraftTokens | None = None
     speculative_n_min: DraftTokens | None = None
     speculative_p_min: Probability | None = None
+    # LoRA adapters for this request, the others off (llama.cpp's `lora`); absent: the server's
+    lora: LoraScales | None = None
 
 
 class OpenAIGenerationFields(SamplingFields, kw_only=True):
@@ -233,6 +245,7 @@ class NativeCompletionRequest(SamplingFields, kw_only=True):
     """llama.cpp's ``POST /completion``: prompt as text, or tokens mixed with text pieces."""
 
     prompt: str | list[str | int] = ""
+    model: str | None = None  # several models: which one
     temperature: NativeTemperature | None = None
     n_predict: MaxTokens | None = None
     max_tokens: MaxTokens | None = None  # alias of n_predict
@@ -253,6 +266,7 @@ class InfillRequest(NativeCompletionRequest, kw_only=True):
 
 class TokenizeRequest(Struct, kw_only=True):
     content: str
+    model: str | None = None
     add_special: bool = False
     parse_special: bool = True
     with_pieces: bool = False
@@ -260,10 +274,12 @@ class TokenizeRequest(Struct, kw_only=True):
 
 class DetokenizeRequest(Struct, kw_only=True):
     tokens: list[int]
+    model: str | None = None
 
 
 class ApplyTemplateRequest(Struct, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    model: str | None = None
 
 
 class PromptTokensDetails(Struct):
@@ -439,6 +455,15 @@ class ModelMeta(Struct, kw_only=True):
     size: int
 
 
+class ModelStatus(Struct, kw_only=True, omit_defaults=True):
+    """A model's state, as llama-server's router reports it (a failed load: unloaded, failed)."""
+
+    value: Literal["loaded", "loading", "unloaded"]
+    failed: bool = False  # the last load failed (the next request tries again)
+    error: str | None = None  # why
+    load_seconds: float | None = None  # how long the last load took
+
+
 class ModelCard(Struct, kw_only=True):
     id: str
     object: str = "model"
@@ -446,6 +471,18 @@ class ModelCard(Struct, kw_only=True):
     owned_by: str = "llamabox"
     tags: list[str] | UnsetType = UNSET  # --tags (llama-server's informational model tags)
     meta: ModelMeta | UnsetType = UNSET
+    aliases: list[str] | UnsetType = UNSET  # other names that pick it (several models)
+    status: ModelStatus | UnsetType = UNSET
+
+
+class ModelActionRequest(Struct, kw_only=True):
+    """``POST /models/load`` and ``/models/unload`` (llama-server's router)."""
+
+    model: Annotated[str, Meta(min_length=1)]
+
+
+class ModelActionResult(Struct):
+    success: bool = True
 
 
 class ModelList(Struct, kw_only=True):

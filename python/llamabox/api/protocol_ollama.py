@@ -25,6 +25,9 @@ from llamabox.api.protocol import (
 
 # -1: no limit, -2: fill the context; 0 is refused (Ollama would answer nothing)
 NumPredict = Annotated[int, Meta(ge=-2, le=INT32_MAX)]
+# How long the model stays loaded after the request: a duration ("5m", "1h30m", "-1"), or
+# seconds; 0: unload at once, negative: forever.
+KeepAlive = Annotated[str, Meta(max_length=64)] | float
 
 
 class OllamaOptions(Struct, kw_only=True):
@@ -54,6 +57,7 @@ class OllamaGenerateRequest(Struct, kw_only=True):
     format: Raw = Raw()  # "json" or a JSON schema object
     options: OllamaOptions | None = None
     images: list[str] | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class OllamaFunctionCall(Struct, kw_only=True):
@@ -84,6 +88,7 @@ class OllamaChatRequest(Struct, kw_only=True):
     options: OllamaOptions | None = None
     tools: Annotated[list[Tool], Meta(max_length=TOOLS_MAX)] | None = None
     think: bool | Literal["low", "medium", "high"] | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class OllamaEmbedRequest(Struct, kw_only=True):
@@ -91,6 +96,7 @@ class OllamaEmbedRequest(Struct, kw_only=True):
     input: str | list[str]
     truncate: bool = True
     options: OllamaOptions | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class OllamaShowRequest(Struct, kw_only=True):
@@ -156,6 +162,17 @@ class OllamaModel(Struct, kw_only=True):
 
 class OllamaTags(Struct):
     models: list[OllamaModel]
+
+
+class OllamaRunningModel(OllamaModel, kw_only=True):
+    expires_at: str  # when it unloads if it stays idle
+    size_vram: int = 0
+
+
+class OllamaRunning(Struct):
+    """``GET /api/ps``: the loaded models."""
+
+    models: list[OllamaRunningModel]
 
 
 class OllamaShowResponse(Struct, kw_only=True):

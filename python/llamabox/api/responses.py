@@ -246,6 +246,7 @@ def _finish(resp: ResponseObject, answer: _Answer, finish: str, usage: Usage) ->
 
 async def create_response(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_request)
+    state = await state.use_model(body.model)
     chat = chat_request(body)
     streams, readers, _ = await start_chat(req, state, chat)
     rid, created = f"resp_{new_id()}", int(time.time())
@@ -373,6 +374,6 @@ async def _events(
 
 def routes() -> list[Route[AppState]]:
     return [
-        Route("POST", path, create_response, generates=True)
+        Route("POST", path, create_response, generates=True, picks_model=True)
         for path in ("/v1/responses", "/responses")
     ]

@@ -23,6 +23,7 @@ from llamabox.api.protocol import (
     ChatMessage,
     JSONObjectFormat,
     JSONSchemaFormat,
+    LoraScale,
     PromptInput,
     PromptTokensDetails,
     SamplingFields,
@@ -276,8 +277,24 @@ async def generate_template(
         sampling=await sampling_from(state, fields, logprobs=logprobs, n_probs=n_probs),
         cache_prompt=fields.cache_prompt is not False,
         speculative=speculative_from(fields),
+        lora=lora_from(state, fields.lora),
         request_id=request_id,
     )
+
+
+def lora_from(state: AppState, lora: list[LoraScale] | None) -> list[tuple[int, float]] | None:
+    """A request's adapter scales (ids checked against the loaded adapters), or None."""
+    if lora is None:
+        return None
+    n = len(state.config.engine.lora) + len(state.config.engine.lora_scaled)
+    for entry in lora:
+        if entry.id >= n:
+            raise InvalidRequestError(
+                f"lora: adapter id {entry.id} is not one of the {n} this server loaded "
+                "(GET /lora-adapters)",
+                param="lora",
+            )
+    return [(entry.id, entry.scale) for entry in lora]
 
 
 def speculative_from(fields: SamplingFields) -> SpeculativeOverride | None:
@@ -484,6 +501,12 @@ def timings(usage: Usage) -> Timings:
 
 
 def check_embeddings(state: AppState) -> None:
+    if state.config.engine.rerank:
+        raise APIError(
+            501,
+            "This server reranks (--rerank): its model pools into relevance scores, not "
+            "embeddings. POST /v1/rerank, or serve an embedding model with `--embeddings`",
+        )
     if not state.config.engine.embeddings:
         raise APIError(501, "This server does not support embeddings. Start it with `--embeddings`")
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from llamabox._version import installed_version
+from llamabox.api.models_registry import EngineFactory, ModelRegistry
 from llamabox.config import ServerConfig
 from llamabox.types import (
     EmbeddingResult,
@@ -15,7 +17,9 @@ from llamabox.types import (
     EngineStats,
     GenerateRequest,
     GenerationOutput,
+    LoraAdapter,
     ModelInfo,
+    RerankResult,
 )
 
 __all__ = [
@@ -135,6 +139,12 @@ class EngineLike(Protocol):
 
     async def embed(self, inputs: list[str] | list[list[int]]) -> list[EmbeddingResult]: ...
 
+    async def rerank(self, query: str, documents: Sequence[str]) -> list[RerankResult]: ...
+
+    def lora_adapters(self) -> list[LoraAdapter]: ...
+
+    def set_lora_scales(self, scales: Sequence[float]) -> None: ...
+
     async def tokenize(
         self, text: str, add_special: bool = True, parse_special: bool = True
     ) -> list[int]: ...
@@ -159,7 +169,15 @@ class EngineLike(Protocol):
 
 
 class AppState:
-    def __init__(self, config: ServerConfig, engine: EngineLike) -> None:
+    """What the routes share. ``engine``, ``config`` and ``model_name`` are the default model's;
+    :meth:`use_model` gives a request the state of the model it asks for."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        engine: EngineLike,
+        engine_factory: EngineFactory | None = None,
+    ) -> None:
         self.config = config
         self.engine = engine
         self.model_name = config.model_name
@@ -168,6 +186,32 @@ class AppState:
         self.load_error: BaseException | None = None
         path = Path(config.engine.model)
         self._names = {self.model_name, path.name, path.stem, str(path)}
+        self.models = ModelRegistry(config, engine, engine_factory)
+
+    async def use_model(
+        self,
+        name: str | None,
+        *,
+        keep_alive: float | None = None,
+        autoload: bool = True,
+        touch: bool = True,
+    ) -> AppState:
+        """The state as the model ``name`` picks sees it (its engine, config and name), the
+        model loaded and leased until the request ends (``ModelRegistry.acquire``). One model
+        without --models-dir / --models-config: this state, whatever the name (the app has
+        checked that it is loaded)."""
+        if self.models.single:
+            return self
+        entry = self.models.find(name)
+        await self.models.acquire(entry, keep_alive=keep_alive, autoload=autoload, touch=touch)
+        if entry is self.models.default:
+            return self
+        view = copy.copy(self)
+        view.engine = entry.engine
+        view.config = entry.config
+        view.model_name = entry.name
+        view._names = entry.names
+        return view
 
     def model_matches(self, name: str) -> bool:
         """Whether ``name`` names the served model (alias, file name or path; ``:latest`` ok)."""
