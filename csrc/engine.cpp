@@ -51,6 +51,7 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
     mp.use_mlock     = params_.use_mlock;
     mp.repack        = params_.repack;
     mp.chat_template = params_.chat_template;
+    mp.progress      = params_.progress.get();
     model_ = std::make_unique<model>(mp);
     for (const auto & l : params_.loras) {
         log_capture capture;

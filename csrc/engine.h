@@ -75,6 +75,7 @@ struct engine_params {
     std::vector<std::string> rpc_servers;  // host:port of ggml RPC servers whose devices take layers
     std::vector<lora_adapter_params> loras;  // LoRA adapters, ids in this order
     bool        lora_init_without_apply = false;  // loaded at scale 0 (set later: set_lora_scales)
+    std::shared_ptr<load_progress> progress;  // the model's load, for the caller to watch; may be null
     bool        verbose         = false;
 };
 

@@ -82,9 +82,20 @@ model::model(const model_params & params) {
         devices.push_back(nullptr);
         mparams.devices = devices.data();
     }
+    if (params.progress != nullptr) {
+        mparams.progress_callback = [](float p, void * user) {
+            auto * progress = static_cast<load_progress *>(user);
+            progress->value.store(p);
+            return !progress->cancelled.load();
+        };
+        mparams.progress_callback_user_data = params.progress;
+    }
     {
         log_capture capture;
         model_.reset(llama_model_load_from_file(params.path.c_str(), mparams));
+        if (!model_ && params.progress != nullptr && params.progress->cancelled.load()) {
+            throw load_error("the load of " + params.path + " was cancelled");
+        }
         if (!model_) {
             const std::string & why = capture.errors();
             throw load_error("failed to load model " + params.path +

@@ -30,6 +30,7 @@ struct model_params {
     bool        repack        = true;
     std::string chat_template;  // a built-in name (chatml, llama3, ...), Jinja source, or empty
     std::vector<std::string> devices;  // backend device names to offload to; "none" = none; empty = default
+    load_progress * progress = nullptr;  // updated while the weights load; may cancel it
 };
 
 class model {

@@ -2,6 +2,7 @@
 // or moved between threads; nothing here touches llama.cpp state.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -75,6 +76,13 @@ struct request {
     std::vector<std::pair<int32_t, float>> lora;
     bool                     has_lora = false;
     std::string              tag;                // the caller's request id, for logs
+};
+
+// How far a model's load has come (its weights read, 0..1), for whoever waits on it; setting
+// `cancelled` makes the load stop at the next tensor and fail (load_error).
+struct load_progress {
+    std::atomic<float> value{0.0f};
+    std::atomic<bool>  cancelled{false};
 };
 
 enum finish_reason : int32_t {

@@ -283,6 +283,13 @@ void bind_types(py::module_ & m) {
         .def_readonly("path", &lora_adapter_info::path)
         .def_readonly("scale", &lora_adapter_info::scale);
 
+    py::class_<load_progress, std::shared_ptr<load_progress>>(m, "LoadProgress")
+        .def(py::init<>())
+        .def_property_readonly("value", [](const load_progress & p) { return p.value.load(); },
+                               "how much of the model's weights has loaded, 0..1")
+        .def("cancel", [](load_progress & p) { p.cancelled.store(true); },
+             "makes the load stop at its next tensor and raise LoadError");
+
     py::class_<engine_params>(m, "EngineParams")
         .def(py::init<>())
         .def_readwrite("model_path", &engine_params::model_path)
@@ -310,6 +317,7 @@ void bind_types(py::module_ & m) {
         .def_readwrite("rpc_servers", &engine_params::rpc_servers)
         .def_readwrite("loras", &engine_params::loras)
         .def_readwrite("lora_init_without_apply", &engine_params::lora_init_without_apply)
+        .def_readwrite("progress", &engine_params::progress)
         .def_readwrite("verbose", &engine_params::verbose);
 }
 

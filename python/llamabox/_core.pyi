@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections.abc
 import typing
 from llamabox import _core_testing as testing
-__all__: list[str] = ['ChatDelta', 'ChatMessage', 'ChatParser', 'ChatRender', 'ChatToolCall', 'ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'LoraAdapter', 'LoraAdapterParams', 'ModelInfo', 'NgramMapParams', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'SpeculativeOverride', 'SpeculativeParams', 'TokenLogprob', 'builtin_chat_templates', 'rpc_server', 'speculative_type_names', 'system_info', 'testing']
+__all__: list[str] = ['ChatDelta', 'ChatMessage', 'ChatParser', 'ChatRender', 'ChatToolCall', 'ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'LoadProgress', 'LoraAdapter', 'LoraAdapterParams', 'ModelInfo', 'NgramMapParams', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'SpeculativeOverride', 'SpeculativeParams', 'TokenLogprob', 'builtin_chat_templates', 'rpc_server', 'speculative_type_names', 'system_info', 'testing']
 class InvalidRequest(ValueError):
     pass
 class ContextLength(InvalidRequest):
@@ -618,6 +618,18 @@ class LoraAdapter:
     @property
     def scale(self) -> float:
         ...
+class LoadProgress:
+    def __init__(self) -> None:
+        ...
+    def cancel(self) -> None:
+        """
+        makes the load stop at its next tensor and raise LoadError
+        """
+    @property
+    def value(self) -> float:
+        """
+        how much of the model's weights has loaded, 0..1
+        """
 class EngineParams:
     cache_type_k: str
     cache_type_v: str
@@ -626,6 +638,7 @@ class EngineParams:
     kv_unified: bool
     lora_init_without_apply: bool
     model_path: str
+    progress: LoadProgress
     repack: bool
     speculative: SpeculativeParams
     swa_full: bool

@@ -307,8 +307,14 @@ class Engine:
         self._ids = itertools.count(1)
         self._pieces: dict[int, bytes] = {}
         self._failure: str | None = None
+        self._progress: _core.LoadProgress | None = None  # while start() loads the model
 
     # ---- lifecycle ----
+
+    @property
+    def load_progress(self) -> float | None:
+        """While the model loads, how much of its weights has been read (0..1); else None."""
+        return None if self._progress is None else self._progress.value
 
     @property
     def is_loaded(self) -> bool:
@@ -324,10 +330,13 @@ class Engine:
             return
         loop = asyncio.get_running_loop()
         params = _engine_params(self.config)
+        params.progress = self._progress = _core.LoadProgress()
         try:
             core = await loop.run_in_executor(None, _core.Engine, params)
         except _core.LoadError as e:
             raise ModelLoadError(str(e)) from None
+        finally:
+            self._progress = None
         core.start()
         loop.add_reader(core.notify_fd(), self._dispatch)
         self._loop = loop

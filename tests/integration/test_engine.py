@@ -12,6 +12,7 @@ import gguf
 import msgspec
 import pytest
 
+from llamabox import _core
 from llamabox.engine import Engine
 from llamabox.types import (
     ContextLengthError,
@@ -565,3 +566,26 @@ async def test_memory_that_cannot_drop_a_tail_drops_the_whole_prefix(tmp_path: P
             ]
         n_prompt = len(await engine.tokenize("The quick brown fox sleeps"))
         assert engine.stats().slots[0].n_cached == n_prompt + 8 - 1
+
+
+async def test_load_progress_and_cancel(tiny_model_path: Path) -> None:
+    """The load's progress is readable while it runs and None after; a cancelled load fails."""
+    engine = Engine(EngineConfig(model=str(tiny_model_path), n_ctx=256))
+    assert engine.load_progress is None
+    task = asyncio.create_task(engine.start())
+    seen: list[float] = []
+    while not task.done():
+        if (p := engine.load_progress) is not None:
+            seen.append(p)
+        await asyncio.sleep(0)
+    await task
+    assert engine.load_progress is None
+    assert all(0.0 <= p <= 1.0 for p in seen) and seen == sorted(seen)
+    await engine.stop()
+
+    params = _core.EngineParams()
+    params.model_path = str(tiny_model_path)
+    params.progress = progress = _core.LoadProgress()
+    progress.cancel()
+    with pytest.raises(_core.LoadError, match="cancelled"):
+        _core.Engine(params)

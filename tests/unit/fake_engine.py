@@ -263,6 +263,8 @@ class FakeEngine:
         self.load_error = load_error
         self.token_delay = 0.0
         self.loaded = False
+        self.starting = False
+        self.progress = 0.5  # what load_progress reports while start() waits
         self.stopped = False
         self.fail_reason: str | None = None  # what `failure` says (a lost RPC server, say)
         self.slot_actions: list[tuple[int, str, str]] = []
@@ -311,8 +313,16 @@ class FakeEngine:
     def is_loaded(self) -> bool:
         return self.loaded
 
+    @property
+    def load_progress(self) -> float | None:
+        return self.progress if self.starting else None
+
     async def start(self) -> None:
-        await asyncio.sleep(self.load_delay)
+        self.starting = True
+        try:
+            await asyncio.sleep(self.load_delay)
+        finally:
+            self.starting = False
         if self.load_error:
             raise ModelLoadError(self.load_error)
         self.loaded = True

@@ -241,8 +241,13 @@ async def test_requests_wait_for_a_load_in_progress() -> None:
         calls = [asyncio.create_task(chat(c, "c")) for _ in range(3)]
         await until(lambda: _states(app)["c"] == "loading")
         assert (await c.get("/health")).status_code == 200
-        assert states((await c.get("/v1/models")).json())["c"] == "loading"
+        body = (await c.get("/v1/models")).json()
+        assert states(body)["c"] == "loading"
+        card = next(card for card in body["data"] if card["id"] == "c")
+        assert card["status"]["progress"] == 0.5  # the engine's load_progress, while it loads
         assert [r.status_code for r in await asyncio.gather(*calls)] == [200] * 3
+        body = (await c.get("/v1/models")).json()
+        assert "progress" not in next(d for d in body["data"] if d["id"] == "c")["status"]
         assert len(engines["c"].calls) == 3
     await app.shutdown()
 

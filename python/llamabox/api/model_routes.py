@@ -41,8 +41,11 @@ def model_card(state: AppState, entry: ModelEntry) -> ModelCard:
     if entry.spec.aliases:
         card.aliases = list(entry.spec.aliases)
     seconds = entry.load_seconds
+    progress = entry.engine.load_progress if entry.status == "loading" else None
     status = ModelStatus(
-        value=entry.status, load_seconds=None if seconds is None else round(seconds, 3)
+        value=entry.status,
+        load_seconds=None if seconds is None else round(seconds, 3),
+        progress=None if progress is None else round(progress, 3),
     )
     if entry.error is not None and status.value == "unloaded":
         status.failed, status.error = True, entry.error

@@ -462,6 +462,7 @@ class ModelStatus(Struct, kw_only=True, omit_defaults=True):
     failed: bool = False  # the last load failed (the next request tries again)
     error: str | None = None  # why
     load_seconds: float | None = None  # how long the last load took
+    progress: float | None = None  # while loading: the share of the weights read, 0..1
 
 
 class ModelCard(Struct, kw_only=True):

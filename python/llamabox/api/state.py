@@ -122,6 +122,11 @@ class EngineLike(Protocol):
     def is_loaded(self) -> bool: ...
 
     @property
+    def load_progress(self) -> float | None:
+        """While the model loads, the share of its weights read (0..1); else None."""
+        ...
+
+    @property
     def failure(self) -> str | None:
         """Why the loaded engine can no longer generate (a lost RPC server), else None."""
         ...
