@@ -143,10 +143,11 @@ public:
     engine_stats stats() const;
 
     // The loaded LoRA adapters and the server's current scales; set_lora_scales replaces them
-    // (one per adapter; throws invalid_request otherwise). Requests prepared afterwards that
-    // give no adapters of their own use the new scales. Any thread.
+    // with (id, scale) pairs, the adapters not named off (invalid_request for an unknown id or
+    // a scale that is not finite). Requests prepared afterwards that give no adapters of their
+    // own use the new scales. Any thread.
     std::vector<lora_adapter_info> lora_adapters() const;
-    void set_lora_scales(const std::vector<float> & scales);
+    void set_lora_scales(const std::vector<std::pair<int32_t, float>> & scales);
     const model_info & info() const { return info_; }
 
     std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
@@ -202,6 +203,8 @@ private:
     bool in_step(const slot & s) const;  // its request runs under this step's adapters
     bool apply_lora(const std::vector<float> & scales);  // on ctx_, when they differ from now
     std::vector<float> resolve_lora(const request & req) const;
+    // (id, scale) pairs as a scale per adapter, the others 0; throws invalid_request
+    std::vector<float> lora_scales_of(const std::vector<std::pair<int32_t, float>> & pairs) const;
 
     engine_params        params_;
     log_verbose_guard    log_verbose_;

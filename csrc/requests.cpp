@@ -226,14 +226,12 @@ std::string engine::apply_chat_template(const std::string & messages_json, bool 
 
 chat_render engine::apply_chat(const std::string & inputs_json) const { return model_->apply_chat(inputs_json); }
 
-std::vector<float> engine::resolve_lora(const request & req) const {
-    std::lock_guard<std::mutex> lk(mtx_lora_);
-    if (!req.has_lora) return lora_scales_;
-    if (loras_.empty() && !req.lora.empty()) {
+std::vector<float> engine::lora_scales_of(const std::vector<std::pair<int32_t, float>> & pairs) const {
+    if (loras_.empty() && !pairs.empty()) {
         throw invalid_request("this server has no LoRA adapters (start it with --lora FILE)", "lora");
     }
     std::vector<float> scales(loras_.size(), 0.0f);
-    for (const auto & [id, scale] : req.lora) {
+    for (const auto & [id, scale] : pairs) {
         if (id < 0 || (size_t) id >= loras_.size()) {
             throw invalid_request("lora: adapter id " + std::to_string(id) + " is not one of the " +
                                   std::to_string(loras_.size()) + " loaded (GET /lora-adapters)", "lora");
@@ -244,6 +242,12 @@ std::vector<float> engine::resolve_lora(const request & req) const {
     return scales;
 }
 
+std::vector<float> engine::resolve_lora(const request & req) const {
+    if (req.has_lora) return lora_scales_of(req.lora);
+    std::lock_guard<std::mutex> lk(mtx_lora_);
+    return lora_scales_;
+}
+
 std::vector<lora_adapter_info> engine::lora_adapters() const {
     std::lock_guard<std::mutex> lk(mtx_lora_);
     std::vector<lora_adapter_info> out;
@@ -251,16 +255,10 @@ std::vector<lora_adapter_info> engine::lora_adapters() const {
     return out;
 }
 
-void engine::set_lora_scales(const std::vector<float> & scales) {
+void engine::set_lora_scales(const std::vector<std::pair<int32_t, float>> & scales) {
+    std::vector<float> all = lora_scales_of(scales);
     std::lock_guard<std::mutex> lk(mtx_lora_);
-    if (scales.size() != loras_.size()) {
-        throw invalid_request("expected " + std::to_string(loras_.size()) + " adapter scales, got " +
-                              std::to_string(scales.size()));
-    }
-    for (float s : scales) {
-        if (!std::isfinite(s)) throw invalid_request("a LoRA scale is not finite");
-    }
-    lora_scales_ = scales;
+    lora_scales_ = std::move(all);
 }
 
 }  // namespace llamabox

@@ -772,7 +772,7 @@ class Engine:
         """
         Tokenizes, validates and builds the samplers, here (small requests; post_prepare for others). One request per id.
         """
-    def set_lora_scales(self, scales: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex]) -> None:
+    def set_lora_scales(self, scales: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex]]) -> None:
         ...
     def start(self) -> None:
         ...

@@ -555,10 +555,11 @@ class Engine:
         """The loaded adapters (ids in --lora, then --lora-scaled order) and current scales."""
         return [LoraAdapter(a.id, a.path, a.scale) for a in self._require().lora_adapters()]
 
-    def set_lora_scales(self, scales: Sequence[float]) -> None:
-        """The server's scales from now on, one per adapter (requests without ``lora``)."""
+    def set_lora_scales(self, scales: Sequence[tuple[int, float]]) -> None:
+        """The server's scales from now on (requests without ``lora``): (id, scale) pairs,
+        the adapters not named off."""
         try:
-            self._require().set_lora_scales([float(x) for x in scales])
+            self._require().set_lora_scales([(i, float(x)) for i, x in scales])
         except _core.InvalidRequest as e:
             raise _invalid(e) from None
 

@@ -73,7 +73,7 @@ def test_a_request_applies_its_own_scales(http: httpx.Client) -> None:
     assert on != base  # the adapter changes the model
     assert _complete(http, ON)["tokens"] == on
     half = _complete(http, HALF)["tokens"]
-    assert half not in (base, on) or half == base  # a different set of weights again
+    assert half not in (base, on)  # the scale counts, not just whether the adapter is on
 
 
 def test_a_cached_prefix_counts_only_under_its_scales(http: httpx.Client) -> None:

@@ -19,7 +19,6 @@ from llamabox.api.errors import APIError
 from llamabox.api.http import Request, Response, Route, json_response
 from llamabox.api.protocol import LoraScale
 from llamabox.api.state import AppState
-from llamabox.types import InvalidRequestError
 
 _decoder = msgspec.json.Decoder(Annotated[list[LoraScale], Meta(max_length=1024)])
 
@@ -37,15 +36,7 @@ async def list_adapters(req: Request, state: AppState) -> Response:
 async def set_adapters(req: Request, state: AppState) -> Response:
     _require_adapters(state)
     body = req.decode(_decoder)
-    adapters = state.engine.lora_adapters()
-    scales = [0.0] * len(adapters)
-    for entry in body:
-        if entry.id >= len(adapters):
-            raise InvalidRequestError(
-                f"adapter id {entry.id} is not one of the {len(adapters)} loaded", param="id"
-            )
-        scales[entry.id] = entry.scale
-    state.engine.set_lora_scales(scales)
+    state.engine.set_lora_scales([(entry.id, entry.scale) for entry in body])
     return json_response({"success": True, "adapters": state.engine.lora_adapters()})
 
 

@@ -277,24 +277,14 @@ async def generate_template(
         sampling=await sampling_from(state, fields, logprobs=logprobs, n_probs=n_probs),
         cache_prompt=fields.cache_prompt is not False,
         speculative=speculative_from(fields),
-        lora=lora_from(state, fields.lora),
+        lora=lora_from(fields.lora),
         request_id=request_id,
     )
 
 
-def lora_from(state: AppState, lora: list[LoraScale] | None) -> list[tuple[int, float]] | None:
-    """A request's adapter scales (ids checked against the loaded adapters), or None."""
-    if lora is None:
-        return None
-    n = len(state.config.engine.lora) + len(state.config.engine.lora_scaled)
-    for entry in lora:
-        if entry.id >= n:
-            raise InvalidRequestError(
-                f"lora: adapter id {entry.id} is not one of the {n} this server loaded "
-                "(GET /lora-adapters)",
-                param="lora",
-            )
-    return [(entry.id, entry.scale) for entry in lora]
+def lora_from(lora: list[LoraScale] | None) -> list[tuple[int, float]] | None:
+    """A request's adapter scales, or None (the engine checks the ids)."""
+    return None if lora is None else [(entry.id, entry.scale) for entry in lora]
 
 
 def speculative_from(fields: SamplingFields) -> SpeculativeOverride | None:

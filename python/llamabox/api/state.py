@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 from llamabox._version import installed_version
@@ -148,7 +147,7 @@ class EngineLike(Protocol):
 
     def lora_adapters(self) -> list[LoraAdapter]: ...
 
-    def set_lora_scales(self, scales: Sequence[float]) -> None: ...
+    def set_lora_scales(self, scales: Sequence[tuple[int, float]]) -> None: ...
 
     async def tokenize(
         self, text: str, add_special: bool = True, parse_special: bool = True
@@ -189,8 +188,6 @@ class AppState:
         self.created = int(time.time())
         self.fingerprint = f"llamabox-{VERSION}"
         self.load_error: BaseException | None = None
-        path = Path(config.engine.model)
-        self._names = {self.model_name, path.name, path.stem, str(path)}
         self.models = ModelRegistry(config, engine, engine_factory)
 
     async def use_model(
@@ -215,9 +212,4 @@ class AppState:
         view.engine = entry.engine
         view.config = entry.config
         view.model_name = entry.name
-        view._names = entry.names
         return view
-
-    def model_matches(self, name: str) -> bool:
-        """Whether ``name`` names the served model (alias, file name or path; ``:latest`` ok)."""
-        return name in self._names or name.removesuffix(":latest") in self._names
