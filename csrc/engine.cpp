@@ -100,6 +100,9 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
         }
     }
     if (!loras_.empty() && !apply_lora(lora_scales_)) throw load_error("failed to apply the LoRA adapters");
+    if (!params_.media.path.empty()) {
+        media_ = std::make_unique<media_projector>(params_.media, *model_, (int32_t) cparams.n_threads_batch);
+    }
     if (params_.embeddings) {
         embedder_params ep;
         for (const auto & a : loras_) ep.loras.push_back(a.get());
@@ -128,6 +131,8 @@ engine::engine(const engine_params & params) : params_(params), log_verbose_(par
     info_.pooling    = emb_ ? emb_->pooling() : 0;
     info_.n_embd_tokens_max = emb_ ? emb_->n_tokens_max() : 0;
     info_.n_cls_out  = emb_ ? emb_->n_cls_out() : 0;
+    info_.vision     = media_ && media_->vision();
+    info_.audio      = media_ && media_->audio();
 
     workers_ = std::make_unique<worker_pool>(PREPARE_THREADS, PREPARE_NICE);
     batch_ = llama_batch_init(params_.n_batch + params_.n_parallel + n_draft_step_max_, 0, 1);
@@ -173,6 +178,7 @@ engine::~engine() {
         for (auto & s : slots_) (void) s.release();
         (void) spec_.release();
         (void) emb_.release();
+        (void) media_.release();
         (void) ctx_.release();
         (void) model_.release();
     }
@@ -184,6 +190,7 @@ engine::~engine() {
     inbox_.clear();
     emb_.reset();
     ctx_.reset();
+    media_.reset();
     model_.reset();
     if (pipe_rd_ >= 0) close(pipe_rd_);
     if (pipe_wr_ >= 0) close(pipe_wr_);
@@ -425,6 +432,8 @@ void engine::assign_slots() {
             const llama_pos pos_min = llama_memory_seq_pos_min(mem, s.id);
             if (pos_min > std::max<llama_pos>(0, (llama_pos) n_keep - info_.n_swa)) n_keep = 0;
         }
+        // A non-causal media input's rows attend to each other: a part of one is no prefix.
+        if (const media_chunk * c = t->media_at(n_keep); c != nullptr && c->non_causal) n_keep = c->pos;
         if (!forget_from(s, (llama_pos) n_keep)) n_keep = 0;
         s.cache_lora = t->lora;
         t->n_cached = (int32_t) n_keep;

@@ -24,6 +24,7 @@
 #include "errors.h"
 #include "llama-cpp.h"
 #include "log_sink.h"
+#include "media.h"
 #include "request.h"
 #include "rpc.h"
 #include "speculator.h"
@@ -75,6 +76,7 @@ struct engine_params {
     std::vector<std::string> rpc_servers;  // host:port of ggml RPC servers whose devices take layers
     std::vector<lora_adapter_params> loras;  // LoRA adapters, ids in this order
     bool        lora_init_without_apply = false;  // loaded at scale 0 (set later: set_lora_scales)
+    media_params media;                  // --mmproj and its settings; no path: text only
     std::shared_ptr<load_progress> progress;  // the model's load, for the caller to watch; may be null
     bool        verbose         = false;
 };
@@ -155,6 +157,8 @@ public:
     std::string token_piece(llama_token token) const;  // raw bytes, special tokens rendered
     // messages: OpenAI-style JSON array. Returns the prompt text.
     std::string apply_chat_template(const std::string & messages_json, bool add_generation_prompt) const;
+    // What marks each media input's place in a prompt text (request::media); empty without a projector.
+    std::string media_marker() const { return media_ ? media_->marker() : std::string(); }
     chat_render apply_chat(const std::string & inputs_json) const;  // see model::apply_chat
 
 private:
@@ -164,6 +168,9 @@ private:
     void assign_slots();
     void run_embeddings();
     void run_generation();
+    // The media input (or, for a causal one, the next n_ubatch rows of it) of the oldest slot
+    // whose prefill has reached one: its own decode, embeddings cannot share a batch with tokens.
+    void run_media();
     void plan_drafts();  // this step's draft for each generating slot (step.cpp)
     void measure_step_costs();  // at start: what steps of the sizes drafting makes cost (step.cpp)
     void commit_slot(slot & s, int32_t n_added);
@@ -209,6 +216,7 @@ private:
     engine_params        params_;
     log_verbose_guard    log_verbose_;
     std::unique_ptr<model> model_;
+    std::unique_ptr<media_projector> media_;  // with --mmproj; freed before the model
     // Declared between the model and the contexts: freed after every context that uses them,
     // before the model they belong to.
     std::vector<llama_adapter_lora_ptr> loras_;

@@ -5,6 +5,7 @@
 #include <mutex>
 
 #include "llama.h"
+#include "mtmd-helper.h"
 
 namespace llamabox {
 
@@ -25,7 +26,10 @@ struct log_sink {
         return sink;
     }
 
-    ~log_sink() { llama_log_set(quiet, nullptr); }
+    ~log_sink() {
+        llama_log_set(quiet, nullptr);
+        mtmd_helper_log_set(quiet, nullptr);
+    }
 
     static void callback(ggml_log_level level, const char * text, void * user_data) {
         static_cast<log_sink *>(user_data)->on_log(level, text);
@@ -50,7 +54,10 @@ struct log_sink {
 
 void log_sink_install() {
     static std::once_flag once;
-    std::call_once(once, [] { llama_log_set(log_sink::callback, &log_sink::instance()); });
+    std::call_once(once, [] {
+        llama_log_set(log_sink::callback, &log_sink::instance());
+        mtmd_helper_log_set(log_sink::callback, &log_sink::instance());  // libmtmd and its clip.cpp
+    });
 }
 
 bool log_sink_installed() {

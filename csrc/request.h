@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -54,6 +55,16 @@ enum request_kind : int32_t {
     REQUEST_KIND_EMBEDDING  = 1,
 };
 
+// One media input (an image, an audio clip) in a prepared prompt (media.h): its embedding rows
+// take the places of prompt tokens [pos, pos + n_tokens), which hold its placeholders.
+struct media_chunk {
+    size_t      pos        = 0;
+    int32_t     n_tokens   = 0;
+    bool        non_causal = false;  // its rows attend to each other both ways (Gemma 3): one decode
+    std::string id;                  // content hash
+    std::shared_ptr<const std::vector<float>> embd;  // n_tokens rows of the model's input width
+};
+
 // The defaults here are llamabox's defaults: Python's SamplingParams and the CLI read them.
 struct request {
     uint64_t                 id_req       = 0;
@@ -76,6 +87,10 @@ struct request {
     std::vector<std::pair<int32_t, float>> lora;
     bool                     has_lora = false;
     std::string              tag;                // the caller's request id, for logs
+    // Media files (image or audio bytes) for the markers in `text` (engine::media_marker());
+    // prepare() turns them into media_chunks and clears them.
+    std::vector<std::string> media;
+    std::vector<media_chunk> media_chunks;       // in prompt order
 };
 
 // How far a model's load has come (its weights read, 0..1), for whoever waits on it; setting
@@ -196,6 +211,13 @@ struct engine_stats {
     int64_t  n_decode_total   = 0;
     int64_t  n_decode_failed_total = 0;  // llama_decode calls that failed (retried or not)
     int64_t  n_requests_total = 0;
+    // media (--mmproj): inputs prepared, of which found in the projected cache, encoded
+    int64_t  n_media_inputs_total = 0;
+    int64_t  n_media_cache_hits_total = 0;
+    int64_t  n_media_encoded_total = 0;
+    double   t_media_encode_ms_total = 0.0;
+    int32_t  n_media_cache_entries = 0;
+    int64_t  n_media_decodes_total = 0;  // llama_decode calls of media rows
     std::vector<slot_info> slots;
 };
 
@@ -226,6 +248,8 @@ struct model_info {
     int32_t     pooling = 0;          // llama_pooling_type in use for embeddings
     int32_t     n_embd_tokens_max = 0;  // longest embedding input
     int32_t     n_cls_out = 0;          // scores per input under rank pooling (the rank head's rows)
+    bool        vision = false;         // a projector (--mmproj) that takes images
+    bool        audio  = false;         // ... audio
 };
 
 }  // namespace llamabox

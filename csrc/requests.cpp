@@ -28,6 +28,25 @@ prepared engine::prepare(request && req, const std::vector<uint64_t> & ids) cons
         req.prompt = model_->rerank_prompt(req.text, req.document);
         req.text.clear();
         req.document.clear();
+    } else if (!req.media.empty()) {
+        if (!media_) throw invalid_request("this model has no multimodal projector: start the server with --mmproj FILE", "media[0]");
+        if (req.kind != REQUEST_KIND_COMPLETION) throw invalid_request("embeddings of media inputs are not supported", "media[0]");
+        if (!req.prompt.empty()) throw invalid_request("a prompt with media is given as text", what);
+        req.prompt = media_->tokenize(req.text, req.media, req.add_special, req.parse_special, req.media_chunks);
+        req.media.clear();
+        req.text.clear();
+        for (const auto & c : req.media_chunks) {
+            // A non-causal input's rows must all be in one ubatch (they attend to each other).
+            if (c.non_causal && c.n_tokens > std::min(params_.n_ubatch, params_.n_batch)) {
+                throw invalid_request("an image takes " + std::to_string(c.n_tokens) +
+                                      " embeddings, more than the physical batch size (--ubatch-size) of " +
+                                      std::to_string(std::min(params_.n_ubatch, params_.n_batch)), "media");
+            }
+        }
+        if (!req.media_chunks.empty() && req.media_chunks.back().pos + req.media_chunks.back().n_tokens >= req.prompt.size()) {
+            // The prompt's last token is decoded as the first generating step's (task::next_token).
+            throw invalid_request("the prompt ends with a media input: put text (at least one token) after it", what);
+        }
     } else if (!req.text.empty()) {
         if (!req.prompt.empty()) throw invalid_request("give the prompt as text or as tokens, not both", what);
         req.prompt = model_->tokenize(req.text, req.add_special, req.parse_special);
@@ -57,7 +76,10 @@ prepared engine::prepare(request && req, const std::vector<uint64_t> & ids) cons
     }
     if (out.n_prompt >= info_.n_ctx_slot) throw context_length_error(out.n_prompt, info_.n_ctx_slot);
 
-    const task_speculation spec = resolve_speculation(req.speculative);
+    task_speculation spec = resolve_speculation(req.speculative);
+    // Drafting is off for a prompt with media: n-gram lookups would draft placeholders, and the
+    // draft model has no projector to decode the embeddings.
+    if (!req.media_chunks.empty()) spec.types = 0;
     const std::vector<float> lora = resolve_lora(req);
 
     // One seed per choice: the request's, else the server's, else random for each choice.
@@ -208,8 +230,20 @@ std::vector<event> engine::poll_events() {
 }
 
 engine_stats engine::stats() const {
-    std::lock_guard<std::mutex> lk(mtx_stats_);
-    return stats_;
+    engine_stats out;
+    {
+        std::lock_guard<std::mutex> lk(mtx_stats_);
+        out = stats_;
+    }
+    if (media_) {
+        const media_stats m = media_->stats();
+        out.n_media_inputs_total     = m.n_inputs;
+        out.n_media_cache_hits_total = m.n_cache_hits;
+        out.n_media_encoded_total    = m.n_encoded;
+        out.t_media_encode_ms_total  = m.t_encode_ms;
+        out.n_media_cache_entries    = m.n_cache_entries;
+    }
+    return out;
 }
 
 std::vector<llama_token> engine::tokenize(const std::string & text, bool add_special, bool parse_special) const {

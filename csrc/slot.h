@@ -2,6 +2,7 @@
 // engine's step code (step.cpp) and loop (engine.cpp) share these, nothing else sees them.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -63,6 +64,25 @@ struct task {
     event              ev;  // this step's output, flushed at the end of the step
 
     size_t n_prefill() const { return req.prompt.size() - 1; }  // prompt tokens decoded as prefill
+    // The media input whose rows hold prompt position p, or null.
+    const media_chunk * media_at(size_t p) const {
+        for (const auto & c : req.media_chunks) {
+            if (p >= c.pos && p < c.pos + (size_t) c.n_tokens) return &c;
+        }
+        return nullptr;
+    }
+    // Prompt tokens from p on that a step can decode as text: up to the next media input, or
+    // to the end of the prefill.
+    int32_t text_run(size_t p) const {
+        size_t end = n_prefill();
+        for (const auto & c : req.media_chunks) {
+            if (c.pos + (size_t) c.n_tokens > p) {
+                end = std::min(end, std::max(c.pos, p));
+                break;
+            }
+        }
+        return (int32_t) (end > p ? end - p : 0);
+    }
 };
 
 struct slot {

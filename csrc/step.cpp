@@ -237,7 +237,7 @@ engine::decode_result engine::decode_step(int32_t n_prefill_max, bool with_draft
         slot_view v;
         v.id_slot = s->id;
         v.generating = s->t->generating;
-        v.n_prompt_left = (int32_t) (s->t->n_prefill() - s->cache.size());
+        v.n_prompt_left = s->t->generating ? 0 : s->t->text_run(s->cache.size());
         v.n_draft = (int32_t) s->t->spec.draft.size();
         v.t_arrival = s->t->t_arrival;
         n_gen += v.generating ? 1 + v.n_draft : 0;
@@ -309,6 +309,7 @@ void engine::run_generation() {
     const int64_t t_step = now_us();
     clock_++;
     pick_step_lora();
+    run_media();
     plan_drafts();
     const int64_t t_decode = now_us();
 
@@ -385,6 +386,75 @@ void engine::run_generation() {
         spec_->policy().observe_step(res.n_gen, res.n_drafted, n_committed_step_, (t_end - t_step) / 1000.0,
                                      (t_decode - t_step) / 1000.0);
     }
+}
+
+void engine::run_media() {
+    if (!media_) return;
+    slot * pick = nullptr;
+    const media_chunk * mc = nullptr;
+    for (auto & sp : slots_) {
+        slot & s = *sp;
+        if (!in_step(s) || s.t->generating) continue;
+        const media_chunk * c = s.t->media_at(s.cache.size());
+        if (c != nullptr && (pick == nullptr || s.t->t_arrival < pick->t->t_arrival)) {
+            pick = &s;
+            mc = c;
+        }
+    }
+    if (pick == nullptr) return;
+    slot & s = *pick;
+    task & t = *s.t;
+    // Rows already in the KV: a causal input whose decode was cut short (a cancelled request's
+    // cached prefix) goes on where it stopped. A non-causal one is decoded whole, in one ubatch.
+    const int32_t from = (int32_t) (s.cache.size() - mc->pos);
+    const int32_t n_ub = std::min(params_.n_ubatch, params_.n_batch);
+    const int32_t n = mc->non_causal ? mc->n_tokens - from : std::min(mc->n_tokens - from, n_ub);
+    const int32_t n_embd = llama_model_n_embd_inp(model_->get());
+    if ((int64_t) mc->embd->size() < (int64_t) (from + n) * n_embd) {
+        fail_slot(s, "the media input's embeddings are short of its rows");
+        return;
+    }
+    struct batch_guard {
+        llama_batch b;
+        ~batch_guard() { llama_batch_free(b); }
+    } g{llama_batch_init(n, n_embd, 1)};
+    llama_batch & b = g.b;
+    std::copy_n(mc->embd->data() + (size_t) from * n_embd, (size_t) n * n_embd, b.embd);
+    const llama_pos pos0 = s.pos_next();
+    for (int32_t i = 0; i < n; ++i) {
+        b.pos[i]       = pos0 + i;
+        b.n_seq_id[i]  = 1;
+        b.seq_id[i][0] = s.id;
+        b.logits[i]    = false;
+    }
+    b.n_tokens = n;
+    if (!loras_.empty() && !apply_lora(step_lora_)) {
+        fail_slot(s, "the LoRA adapters could not be applied");
+        return;
+    }
+    if (mc->non_causal) llama_set_causal_attn(ctx_.get(), false);
+    int32_t ret = llama_decode(ctx_.get(), b);
+    int32_t n_failed = ret != 0 ? 1 : 0;
+    while (ret == 1 && evict_idle_cache()) {
+        ret = llama_decode(ctx_.get(), b);
+        n_failed += ret != 0 ? 1 : 0;
+    }
+    if (mc->non_causal) llama_set_causal_attn(ctx_.get(), true);
+    {
+        std::lock_guard<std::mutex> lk(mtx_stats_);
+        stats_.n_decode_total += 1 + n_failed - (ret != 0 ? 1 : 0);
+        stats_.n_decode_failed_total += n_failed;
+        stats_.n_media_decodes_total++;
+    }
+    if (ret != 0) {
+        std::fprintf(stderr, "llamabox: llama_decode failed (%d) on %d media rows\n", ret, n);
+        fail_slot(s, decode_error(ret));
+        return;
+    }
+    s.t_last_step = clock_;
+    const auto first = t.req.prompt.begin() + (std::ptrdiff_t) s.cache.size();
+    s.cache.insert(s.cache.end(), first, first + n);
+    if (s.cache.size() == t.n_prefill()) prefill_done(s);
 }
 
 bool engine::evict_idle_cache() {

@@ -155,7 +155,18 @@ void bind_types(py::module_ & m) {
         .def_readwrite("speculative", &request::speculative)
         .def_readwrite("lora", &request::lora)
         .def_readwrite("has_lora", &request::has_lora)
-        .def_readwrite("tag", &request::tag);
+        .def_readwrite("tag", &request::tag)
+        .def_property(
+            "media",  // file bytes for the markers in `text` (Engine.media_marker)
+            [](const request & r) {
+                py::list out;
+                for (const auto & f : r.media) out.append(py::bytes(f));
+                return out;
+            },
+            [](request & r, const std::vector<py::bytes> & files) {
+                r.media.clear();
+                for (const auto & f : files) r.media.emplace_back(f);
+            });
 
     py::class_<token_logprob>(m, "TokenLogprob")
         .def_readonly("token", &token_logprob::token)
@@ -210,6 +221,12 @@ void bind_types(py::module_ & m) {
         .def_readonly("n_decode_total", &engine_stats::n_decode_total)
         .def_readonly("n_decode_failed_total", &engine_stats::n_decode_failed_total)
         .def_readonly("n_requests_total", &engine_stats::n_requests_total)
+        .def_readonly("n_media_inputs_total", &engine_stats::n_media_inputs_total)
+        .def_readonly("n_media_cache_hits_total", &engine_stats::n_media_cache_hits_total)
+        .def_readonly("n_media_encoded_total", &engine_stats::n_media_encoded_total)
+        .def_readonly("t_media_encode_ms_total", &engine_stats::t_media_encode_ms_total)
+        .def_readonly("n_media_cache_entries", &engine_stats::n_media_cache_entries)
+        .def_readonly("n_media_decodes_total", &engine_stats::n_media_decodes_total)
         .def_readonly("slots", &engine_stats::slots);
 
     py::class_<model_info>(m, "ModelInfo")
@@ -235,7 +252,9 @@ void bind_types(py::module_ & m) {
         .def_readonly("embeddings", &model_info::embeddings)
         .def_readonly("pooling", &model_info::pooling)
         .def_readonly("n_embd_tokens_max", &model_info::n_embd_tokens_max)
-        .def_readonly("n_cls_out", &model_info::n_cls_out);
+        .def_readonly("n_cls_out", &model_info::n_cls_out)
+        .def_readonly("vision", &model_info::vision)
+        .def_readonly("audio", &model_info::audio);
 
     py::class_<prepared>(m, "Prepared", "Requests validated and ready for Engine.submit() (once).")
         .def_readonly("n_prompt", &prepared::n_prompt)
@@ -270,6 +289,17 @@ void bind_types(py::module_ & m) {
         .def_readwrite("ngram_mod_n_max", &speculative_params::ngram_mod_n_max)
         .def_readwrite("lookup_cache_static", &speculative_params::lookup_cache_static)
         .def_readwrite("lookup_cache_dynamic", &speculative_params::lookup_cache_dynamic);
+
+    py::class_<media_params>(m, "MediaParams")
+        .def(py::init<>())
+        .def_readwrite("path", &media_params::path)
+        .def_readwrite("use_gpu", &media_params::use_gpu)
+        .def_readwrite("n_threads", &media_params::n_threads)
+        .def_readwrite("image_min_tokens", &media_params::image_min_tokens)
+        .def_readwrite("image_max_tokens", &media_params::image_max_tokens)
+        .def_readwrite("max_image_side", &media_params::max_image_side)
+        .def_readwrite("n_cache", &media_params::n_cache)
+        .def_readwrite("warmup", &media_params::warmup);
 
     py::class_<lora_adapter_params>(m, "LoraAdapterParams")
         .def(py::init<>())
@@ -317,6 +347,7 @@ void bind_types(py::module_ & m) {
         .def_readwrite("rpc_servers", &engine_params::rpc_servers)
         .def_readwrite("loras", &engine_params::loras)
         .def_readwrite("lora_init_without_apply", &engine_params::lora_init_without_apply)
+        .def_readwrite("media", &engine_params::media)
         .def_readwrite("progress", &engine_params::progress)
         .def_readwrite("verbose", &engine_params::verbose);
 }
@@ -432,6 +463,7 @@ void bind_engine(py::module_ & m) {
             for (const auto & p : pieces) out.append(py::bytes(p));
             return out;
         })
+        .def("media_marker", &engine::media_marker)
         .def("apply_chat_template", [](const engine & e, const std::string & messages_json, bool add_generation_prompt) {
             py::gil_scoped_release nogil;
             return e.apply_chat_template(messages_json, add_generation_prompt);

@@ -16,6 +16,7 @@ response has started.
 from __future__ import annotations
 
 import asyncio
+import re
 import collections
 import itertools
 import logging
@@ -99,6 +100,15 @@ def _engine_params(config: EngineConfig) -> _core.EngineParams:
     ]
     p.lora_init_without_apply = config.lora_init_without_apply
     p.chat_template = config.chat_template or ""
+    if config.mmproj:
+        mp = _core.MediaParams()
+        mp.path = config.mmproj
+        mp.use_gpu = config.mmproj_offload
+        mp.image_min_tokens = config.image_min_tokens
+        mp.image_max_tokens = config.image_max_tokens
+        mp.max_image_side = config.visual_max_image_size
+        mp.n_cache = config.max_projected_cache
+        p.media = mp
     p.speculative = _speculative_params(config.speculative)
     p.verbose = config.verbose
     return p
@@ -143,6 +153,18 @@ def _invalid(e: _core.InvalidRequest) -> InvalidRequestError:
     return InvalidRequestError(message, param=param)
 
 
+def _media_param(e: InvalidRequestError, request: GenerateRequest) -> InvalidRequestError:
+    """The engine names a media input media[i]: the error names where it came from instead."""
+    m = re.fullmatch(r"media\[(\d+)\]", e.param or "")
+    if m is None or not request.media:
+        return e
+    i = int(m.group(1))
+    if i >= len(request.media):
+        return e
+    where = request.media[i].param
+    return InvalidRequestError(str(e).replace(f"media[{i}]", where), param=where)
+
+
 def _set(target: Any, field: str, value: Any, param: str) -> None:
     """One field of a native struct; a value its C++ type cannot hold is the caller's error."""
     try:
@@ -157,6 +179,8 @@ def _native_request(request: GenerateRequest, max_tokens: int) -> _core.Request:
         req.text = request.prompt
         req.add_special = request.add_special
         req.parse_special = request.parse_special
+        if request.media:
+            req.media = [m.data for m in request.media]
     else:
         req.prompt = _token_list(request.prompt, "prompt")
     _set(req, "n_predict", max_tokens, "max_tokens")
@@ -432,8 +456,15 @@ class Engine:
         native = _native_request(request, max_tokens)
         ids = [next(self._ids) for _ in range(n)]
         sp = request.sampling
-        inline = not (sp.grammar or sp.json_schema) and len(request.prompt) <= INLINE_MAX
-        prepared = await self._off_loop(inline, core.prepare, core.post_prepare, native, ids)
+        # Media are decoded and encoded in prepare: always a job, off the loop.
+        inline = (
+            not (sp.grammar or sp.json_schema or request.media)
+            and len(request.prompt) <= INLINE_MAX
+        )
+        try:
+            prepared = await self._off_loop(inline, core.prepare, core.post_prepare, native, ids)
+        except InvalidRequestError as e:
+            raise _media_param(e, request) from None
         streams = [RequestStream(self, id_req) for id_req in ids]
         for stream in streams:
             self._streams[stream.id_req] = stream
@@ -729,6 +760,12 @@ class Engine:
             raise TypeError("chat_parser takes a render of apply_chat")
         return _core.ChatParser(render)
 
+    @property
+    def media_marker(self) -> str | None:
+        """What marks a media input's place in a text prompt; None without a projector."""
+        core = self._require()
+        return core.media_marker() or None
+
     def fim_tokens(self) -> tuple[int, int, int] | None:
         info = self._require().info
         ids = (info.fim_pre, info.fim_suf, info.fim_mid)
@@ -752,6 +789,12 @@ class Engine:
             n_decode_total=s.n_decode_total,
             n_decode_failed_total=s.n_decode_failed_total,
             n_requests_total=s.n_requests_total,
+            n_media_inputs_total=s.n_media_inputs_total,
+            n_media_cache_hits_total=s.n_media_cache_hits_total,
+            n_media_encoded_total=s.n_media_encoded_total,
+            t_media_encode_ms_total=s.t_media_encode_ms_total,
+            n_media_cache_entries=s.n_media_cache_entries,
+            n_media_decodes_total=s.n_media_decodes_total,
             slots=[
                 SlotInfo(
                     id=x.id_slot,
@@ -793,6 +836,8 @@ class Engine:
             eos_token=text(i.eos),
             embeddings=i.embeddings,
             n_embd_tokens_max=i.n_embd_tokens_max,
+            vision=i.vision,
+            audio=i.audio,
         )
 
 

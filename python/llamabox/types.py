@@ -112,6 +112,13 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     lora: list[str] = msgspec.field(default_factory=list)
     lora_scaled: list[tuple[str, float]] = msgspec.field(default_factory=list)
     lora_init_without_apply: bool = False
+    # --mmproj: the multimodal projector (images, audio) for the model; None: text only
+    mmproj: str | None = None
+    mmproj_offload: bool = True  # --no-mmproj-offload: the projector stays on the CPU
+    image_min_tokens: int = -1  # dynamic-resolution projectors: bounds per image (-1: the file's)
+    image_max_tokens: int = -1
+    visual_max_image_size: int = 0  # images with a longer side are scaled down first (0: never)
+    max_projected_cache: int = 16  # distinct media inputs whose embeddings are kept
     chat_template: str | None = None  # built-in name (chatml, llama3, ...) or Jinja source
     n_predict: int = _REQUEST.n_predict  # max tokens of requests without one; -1 = context full
     speculative: SpeculativeConfig = msgspec.field(default_factory=SpeculativeConfig)
@@ -153,8 +160,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: bool = _SAMPLING.logprobs  # report the log-probability of each sampled token
 
 
+class MediaInput(msgspec.Struct, kw_only=True):
+    """An image or audio file for one media marker of a text prompt (Engine.media_marker)."""
+
+    data: bytes
+    param: str = "media"  # where it came from on the wire (messages[0].content[1]), for errors
+
+
 class GenerateRequest(msgspec.Struct, kw_only=True):
     prompt: str | list[int]
+    media: list[MediaInput] = []  # for the markers in a text prompt, in order
     max_tokens: int | None = None  # None: config.n_predict, else until the slot context is full
     stop: list[str] = []
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
@@ -241,6 +256,8 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     eos_token: str
     embeddings: bool = False  # embed() is served
     n_embd_tokens_max: int = 0  # longest embedding input
+    vision: bool = False  # a projector (--mmproj) takes images
+    audio: bool = False  # ... audio
 
 
 class SlotInfo(msgspec.Struct, kw_only=True):
@@ -271,6 +288,13 @@ class EngineStats(msgspec.Struct, kw_only=True):
     n_decode_total: int  # llama_decode calls
     n_decode_failed_total: int  # of which failed (a prefill shed and retried, or requests failed)
     n_requests_total: int
+    # --mmproj: media inputs prepared, of which the projected cache had, of which were encoded
+    n_media_inputs_total: int = 0
+    n_media_cache_hits_total: int = 0
+    n_media_encoded_total: int = 0
+    t_media_encode_ms_total: float = 0.0
+    n_media_cache_entries: int = 0
+    n_media_decodes_total: int = 0
     slots: list[SlotInfo]
 
 
