@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections.abc
 import typing
 from llamabox import _core_testing as testing
-__all__: list[str] = ['ChatDelta', 'ChatMessage', 'ChatParser', 'ChatRender', 'ChatToolCall', 'ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'LoadProgress', 'LoraAdapter', 'LoraAdapterParams', 'ModelInfo', 'NgramMapParams', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'SpeculativeOverride', 'SpeculativeParams', 'TokenLogprob', 'builtin_chat_templates', 'rpc_server', 'speculative_type_names', 'system_info', 'testing']
+__all__: list[str] = ['ChatDelta', 'ChatMessage', 'ChatParser', 'ChatRender', 'ChatToolCall', 'ContextLength', 'Engine', 'EngineParams', 'EngineStats', 'EngineStopped', 'Event', 'FINISH_CANCELLED', 'FINISH_ERROR', 'FINISH_LENGTH', 'FINISH_NONE', 'FINISH_STOP', 'InvalidRequest', 'KIND_COMPLETION', 'KIND_EMBEDDING', 'LoadError', 'LoadProgress', 'LoraAdapter', 'LoraAdapterParams', 'MediaParams', 'ModelInfo', 'NgramMapParams', 'Prepared', 'QueueFull', 'Request', 'SamplingParams', 'SlotInfo', 'SpeculativeOverride', 'SpeculativeParams', 'TokenLogprob', 'builtin_chat_templates', 'rpc_server', 'speculative_type_names', 'system_info', 'testing']
 class InvalidRequest(ValueError):
     pass
 class ContextLength(InvalidRequest):
@@ -259,6 +259,12 @@ class Request:
     def lora(self, arg0: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex]]) -> None:
         ...
     @property
+    def media(self) -> list:
+        ...
+    @media.setter
+    def media(self, arg1: collections.abc.Sequence[bytes]) -> None:
+        ...
+    @property
     def n_predict(self) -> int:
         ...
     @n_predict.setter
@@ -380,6 +386,21 @@ class EngineStats:
     def n_decode_total(self) -> int:
         ...
     @property
+    def n_media_cache_entries(self) -> int:
+        ...
+    @property
+    def n_media_cache_hits_total(self) -> int:
+        ...
+    @property
+    def n_media_decodes_total(self) -> int:
+        ...
+    @property
+    def n_media_encoded_total(self) -> int:
+        ...
+    @property
+    def n_media_inputs_total(self) -> int:
+        ...
+    @property
     def n_prompt_tokens_total(self) -> int:
         ...
     @property
@@ -404,6 +425,9 @@ class EngineStats:
     def slots(self) -> list[SlotInfo]:
         ...
     @property
+    def t_media_encode_ms_total(self) -> float:
+        ...
+    @property
     def t_predicted_ms_total(self) -> float:
         ...
     @property
@@ -415,6 +439,9 @@ class ModelInfo:
         ...
     @property
     def architecture(self) -> str:
+        ...
+    @property
+    def audio(self) -> bool:
         ...
     @property
     def bos(self) -> int:
@@ -478,6 +505,9 @@ class ModelInfo:
         ...
     @property
     def size_bytes(self) -> int:
+        ...
+    @property
+    def vision(self) -> bool:
         ...
 class Prepared:
     """
@@ -594,6 +624,42 @@ class SpeculativeParams:
     @types.setter
     def types(self, arg0: collections.abc.Sequence[str]) -> None:
         ...
+class MediaParams:
+    path: str
+    use_gpu: bool
+    warmup: bool
+    def __init__(self) -> None:
+        ...
+    @property
+    def image_max_tokens(self) -> int:
+        ...
+    @image_max_tokens.setter
+    def image_max_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def image_min_tokens(self) -> int:
+        ...
+    @image_min_tokens.setter
+    def image_min_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def max_image_side(self) -> int:
+        ...
+    @max_image_side.setter
+    def max_image_side(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def n_cache(self) -> int:
+        ...
+    @n_cache.setter
+    def n_cache(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def n_threads(self) -> int:
+        ...
+    @n_threads.setter
+    def n_threads(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
 class LoraAdapterParams:
     path: str
     @typing.overload
@@ -637,6 +703,7 @@ class EngineParams:
     embeddings: bool
     kv_unified: bool
     lora_init_without_apply: bool
+    media: MediaParams
     model_path: str
     progress: LoadProgress
     repack: bool
@@ -745,6 +812,8 @@ class Engine:
         Why the engine can no longer generate (a ggml RPC server went away), or None.
         """
     def lora_adapters(self) -> list[LoraAdapter]:
+        ...
+    def media_marker(self) -> str:
         ...
     def notify_fd(self) -> int:
         ...

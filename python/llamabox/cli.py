@@ -300,6 +300,7 @@ _GROUPS = {
     "model": "model",
     "models": "several models (each request's `model` picks one; each loads on first use)",
     "engine": "engine (context, batching, threads, KV cache)",
+    "multimodal": "multimodal (a projector for images and audio in chat)",
     "speculative": "speculative decoding (a draft model, or n-gram lookup in the text so far)",
     "sampling": "sampling defaults (a request's own values win)",
     "server": "server",
@@ -430,6 +431,51 @@ FLAGS: tuple[Flag, ...] = (
          "engine.lora_init_without_apply", None, _ENGINE.lora_init_without_apply,
          "load the LoRA adapters at scale 0: POST /lora-adapters or a request's `lora` applies "
          "them", "engine", action="store_true"),
+    Flag(("--mmproj",), ("LLAMA_ARG_MMPROJ",), "engine.mmproj", _path, None,
+         "multimodal projector GGUF for --model: images (and audio, if it takes audio) in chat "
+         "content parts, Ollama's images and /completion's multimodal_data", "multimodal",
+         metavar="FILE", default_text="none: text only"),
+    Flag(("--no-mmproj-offload",), ("LLAMA_ARG_MMPROJ_OFFLOAD",), "engine.mmproj_offload", None,
+         _ENGINE.mmproj_offload, "keep the projector on the CPU (--mmproj-offload: on the GPU "
+         "when there is one, the default)", "multimodal", action="store_false",
+         env_negated=("LLAMA_ARG_NO_MMPROJ_OFFLOAD",), opposite=("--mmproj-offload",)),
+    Flag(("--image-min-tokens",), ("LLAMA_ARG_IMAGE_MIN_TOKENS",), "engine.image_min_tokens",
+         _int(lo=-1), _ENGINE.image_min_tokens, "fewest embeddings an image becomes "
+         "(dynamic-resolution projectors such as Qwen2.5-VL's; others have a fixed count)",
+         "multimodal", metavar="N", default_text="the projector's"),
+    Flag(("--image-max-tokens",), ("LLAMA_ARG_IMAGE_MAX_TOKENS",), "engine.image_max_tokens",
+         _int(lo=-1), _ENGINE.image_max_tokens, "most embeddings an image becomes "
+         "(dynamic-resolution projectors)", "multimodal", metavar="N",
+         default_text="the projector's"),
+    Flag(("--visual-max-image-size",), ("LLAMA_ARG_VISUAL_MAX_IMAGE_SIZE",),
+         "engine.visual_max_image_size", _int(lo=0), _ENGINE.visual_max_image_size,
+         "scale an image whose longer side has more pixels than N down to N first", "multimodal",
+         metavar="N", default_text="0: never"),
+    Flag(("--max-projected-cache",), ("LLAMA_ARG_MAX_PROJECTED_CACHE",),
+         "engine.max_projected_cache", _int(lo=0), _ENGINE.max_projected_cache,
+         "keep the projected embeddings of the last N distinct images (by content hash): a "
+         "repeated image is not encoded again", "multimodal", metavar="N"),
+    Flag(("--allow-remote-media",), ("LLAMA_ARG_ALLOW_REMOTE_MEDIA",),
+         "server.allow_remote_media", None, _SERVER.allow_remote_media,
+         "fetch http(s) image URLs (public addresses only, at most --media-max-size bytes, "
+         "--remote-media-timeout seconds, no redirects to other schemes); without it they get 400",
+         "multimodal", action="store_true"),
+    Flag(("--allow-remote-media-private",), ("LLAMA_ARG_ALLOW_REMOTE_MEDIA_PRIVATE",),
+         "server.allow_remote_media_private", None, _SERVER.allow_remote_media_private,
+         "with --allow-remote-media, also fetch from loopback and private-network addresses",
+         "multimodal", action="store_true"),
+    Flag(("--media-max-size",), ("LLAMA_ARG_MEDIA_MAX_SIZE",), "server.media_max_bytes", _size,
+         _SERVER.media_max_bytes, "largest media file (decoded base64 or fetched), in bytes or "
+         "with a K, M or G suffix; a larger one gets 400", "multimodal", metavar="BYTES",
+         default_text="20M"),
+    Flag(("--media-max-pixels",), ("LLAMA_ARG_MEDIA_MAX_PIXELS",), "server.media_max_pixels",
+         _int(lo=1), _SERVER.media_max_pixels, "largest image, in pixels (width x height, read "
+         "from its header before it is decoded); a larger one gets 400", "multimodal",
+         metavar="N", default_text="50000000"),
+    Flag(("--remote-media-timeout",), ("LLAMA_ARG_REMOTE_MEDIA_TIMEOUT",),
+         "server.remote_media_timeout", _float(positive=True), _SERVER.remote_media_timeout,
+         "seconds a remote media fetch may take, redirects included", "multimodal",
+         metavar="SECONDS"),
     Flag(("--spec-type",), ("LLAMA_ARG_SPEC_TYPE",), "spec.types", _spec_types, [],
          "comma-separated drafting types: draft-simple (needs --model-draft), ngram-simple, "
          "ngram-map-k, ngram-map-k4v, ngram-mod, ngram-cache, or none; several are tried in that "

@@ -50,6 +50,13 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     models: list[ModelConfig] | None = None
     models_max: int = 4  # --models-max: most loaded at once (0: no limit), as llama-server's
     models_ttl: float = 0.0  # --models-ttl: idle seconds before a model unloads (<= 0: never)
+    # Media (--mmproj): remote http(s) URLs are fetched only when allowed, private addresses
+    # only when that is allowed too; every file is capped in bytes and (images) in pixels.
+    allow_remote_media: bool = False
+    allow_remote_media_private: bool = False
+    media_max_bytes: int = 20 * 1024 * 1024
+    media_max_pixels: int = 50_000_000
+    remote_media_timeout: float = 10.0
 
     @property
     def model_name(self) -> str:

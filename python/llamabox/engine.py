@@ -16,10 +16,10 @@ response has started.
 from __future__ import annotations
 
 import asyncio
-import re
 import collections
 import itertools
 import logging
+import re
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType

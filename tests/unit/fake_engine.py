@@ -334,6 +334,10 @@ class FakeEngine:
             stream.cancel()
 
     @property
+    def media_marker(self) -> str | None:
+        return None  # no projector
+
+    @property
     def model_info(self) -> ModelInfo:
         return ModelInfo(
             path=self.config.model,

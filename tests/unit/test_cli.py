@@ -196,6 +196,17 @@ ENV_CASES = [
     ("LLAMA_ARG_LORA_INIT_WITHOUT_APPLY", "yes", "engine.lora_init_without_apply", True),
     ("LLAMA_CHAT_TEMPLATE_KWARGS", '{"enable_thinking": false}', "chat_template_kwargs",
      {"enable_thinking": False}),
+    ("LLAMA_ARG_MMPROJ_OFFLOAD", "0", "engine.mmproj_offload", False),
+    ("LLAMA_ARG_NO_MMPROJ_OFFLOAD", "1", "engine.mmproj_offload", False),
+    ("LLAMA_ARG_IMAGE_MIN_TOKENS", "64", "engine.image_min_tokens", 64),
+    ("LLAMA_ARG_IMAGE_MAX_TOKENS", "256", "engine.image_max_tokens", 256),
+    ("LLAMA_ARG_VISUAL_MAX_IMAGE_SIZE", "1024", "engine.visual_max_image_size", 1024),
+    ("LLAMA_ARG_MAX_PROJECTED_CACHE", "3", "engine.max_projected_cache", 3),
+    ("LLAMA_ARG_ALLOW_REMOTE_MEDIA", "1", "allow_remote_media", True),
+    ("LLAMA_ARG_ALLOW_REMOTE_MEDIA_PRIVATE", "true", "allow_remote_media_private", True),
+    ("LLAMA_ARG_MEDIA_MAX_SIZE", "5M", "media_max_bytes", 5 * 1024 * 1024),
+    ("LLAMA_ARG_MEDIA_MAX_PIXELS", "1000", "media_max_pixels", 1000),
+    ("LLAMA_ARG_REMOTE_MEDIA_TIMEOUT", "2.5", "remote_media_timeout", 2.5),
 ]  # fmt: skip
 
 
@@ -220,7 +231,8 @@ def test_every_env_var_is_read() -> None:
                 # files: test_speculative_files, test_lora_files
                 "LLAMA_ARG_LORA", "LLAMA_ARG_LORA_SCALED",
                 "LLAMA_ARG_MODEL_DRAFT", "LLAMA_ARG_SPEC_DRAFT_MODEL",
-                "LLAMA_ARG_LOOKUP_CACHE_STATIC", "LLAMA_ARG_LOOKUP_CACHE_DYNAMIC"}  # fmt: skip
+                "LLAMA_ARG_LOOKUP_CACHE_STATIC", "LLAMA_ARG_LOOKUP_CACHE_DYNAMIC",
+                "LLAMA_ARG_MMPROJ"}  # a file: test_mmproj_flags  # fmt: skip
     every = {e for flag in FLAGS for e in (*flag.env, *flag.env_negated)}
     assert every - tested <= untested
 
@@ -625,3 +637,14 @@ def test_rerank_flag() -> None:
     assert parse("--rerank").engine.rerank
     assert parse("--reranking").engine.rerank
     assert parse("--pooling", "rank").engine.pooling == "rank"
+
+
+def test_mmproj_flags(tmp_path: Path) -> None:
+    proj = tmp_path / "mmproj.gguf"
+    proj.write_bytes(b"GGUF")
+    config = parse_serve_args([*M, "--mmproj", str(proj), "--no-mmproj-offload"], {})
+    assert config.engine.mmproj == str(proj) and config.engine.mmproj_offload is False
+    config = parse_serve_args(M, {"LLAMA_ARG_MMPROJ": str(proj)})
+    assert config.engine.mmproj == str(proj) and config.engine.mmproj_offload is True
+    defaults = parse_serve_args(M, {})
+    assert defaults.engine.mmproj is None and not defaults.allow_remote_media

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from llamabox.api.http import Request
+from llamabox.api.media import chat_refs, load_media
 from llamabox.api.protocol import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -250,15 +251,18 @@ async def prepare_chat(
         logprobs=body.logprobs,
         n_probs=body.top_logprobs,
     )
+    refs = chat_refs(body.messages)
+    messages = message_dicts(body.messages, state.engine.media_marker if refs else None)
+    media = await load_media(state, refs)
     chat = await setup_chat(
-        state,
-        body,
-        message_dicts(body.messages),
-        template.sampling,
-        request_grammar=body.grammar is not None,
+        state, body, messages, template.sampling, request_grammar=body.grammar is not None
     )
     template = msgspec.structs.replace(
-        template, prompt=chat.prompt, sampling=chat.sampling, stop=[*template.stop, *chat.stops]
+        template,
+        prompt=chat.prompt,
+        media=media,
+        sampling=chat.sampling,
+        stop=[*template.stop, *chat.stops],
     )
     return chat, template
 

@@ -20,6 +20,7 @@ from llamabox.api.http import Request, Response, Route, StreamResponse, json_res
 from llamabox.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
+    ContentPart,
     Delta,
     FunctionDef,
     FunctionName,
@@ -27,6 +28,7 @@ from llamabox.api.protocol import (
     InputToolCall,
     NamedToolChoice,
     SamplingFields,
+    SourcedImagePart,
     TextPart,
     Tool,
 )
@@ -62,8 +64,22 @@ _encoder = msgspec.json.Encoder()
 
 
 def _no_image(param: str) -> InvalidRequestError:
-    return InvalidRequestError(
-        "image input needs a multimodal projector (--mmproj), not loaded", param=param
+    return InvalidRequestError("images in tool results are not served", param=param)
+
+
+def _image(block: ImageBlock, param: str) -> SourcedImagePart:
+    """An image block (base64 or url source) as a chat image part."""
+    source = block.source
+    kind = source.get("type")
+    if kind == "base64" and isinstance(source.get("data"), str):
+        media_type = source.get("media_type") or "application/octet-stream"
+        url = f"data:{media_type};base64,{source['data']}"
+        return SourcedImagePart(image_url=url, wire_param=param)
+    if kind == "url" and isinstance(source.get("url"), str):
+        return SourcedImagePart(image_url=source["url"], wire_param=param)
+    raise InvalidRequestError(
+        "an image's source must be {type: base64, media_type, data} or {type: url, url}",
+        param=f"{param}.source",
     )
 
 
@@ -84,6 +100,7 @@ def _turn(message: InputMessage, i: int) -> list[ChatMessage]:
     if isinstance(message.content, str):
         return [ChatMessage(role=message.role, content=message.content)]
     texts: list[str] = []
+    parts: list[ContentPart] = []  # a user turn's texts and images, in order
     reasoning: list[str] = []
     calls: list[InputToolCall] = []
     out: list[ChatMessage] = []
@@ -91,8 +108,11 @@ def _turn(message: InputMessage, i: int) -> list[ChatMessage]:
         param = f"messages[{i}].content[{j}]"
         if isinstance(block, TextBlock):
             texts.append(block.text)
+            parts.append(TextPart(block.text))
         elif isinstance(block, ImageBlock):
-            raise _no_image(param)
+            if message.role != "user":
+                raise InvalidRequestError("image blocks belong to user turns", param=param)
+            parts.append(_image(block, param))
         elif isinstance(block, ToolUseBlock):
             if message.role != "assistant":
                 raise InvalidRequestError("tool_use blocks belong to assistant turns", param=param)
@@ -115,8 +135,8 @@ def _turn(message: InputMessage, i: int) -> list[ChatMessage]:
                 reasoning_content="\n".join(reasoning) or None,
             )
         )
-    elif texts:
-        out.append(ChatMessage(role="user", content=[TextPart(t) for t in texts]))
+    elif parts:
+        out.append(ChatMessage(role="user", content=parts))
     return out
 
 

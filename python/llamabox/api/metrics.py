@@ -52,6 +52,19 @@ def render(stats: EngineStats) -> str:
         ("kv_cache_tokens", "gauge", "KV-cache tokens.", stats.kv_cells_used),
         ("requests_processing", "gauge", "Number of requests processing.", stats.n_busy),
         ("requests_deferred", "gauge", "Number of requests deferred.", stats.n_queued),
+        ("media_inputs_total", "counter", "Number of media inputs (images, audio) prepared.",
+         stats.n_media_inputs_total),
+        ("media_cache_hits_total", "counter",
+         "Number of media inputs whose projected embeddings were cached.",
+         stats.n_media_cache_hits_total),
+        ("media_encoded_total", "counter", "Number of media inputs encoded by the projector.",
+         stats.n_media_encoded_total),
+        ("media_encode_seconds_total", "counter", "Media encode time.",
+         stats.t_media_encode_ms_total / 1e3),
+        ("media_cache_entries", "gauge", "Projected embeddings kept (--max-projected-cache).",
+         stats.n_media_cache_entries),
+        ("media_decodes_total", "counter", "Number of llama_decode() calls of media embeddings.",
+         stats.n_media_decodes_total),
     ]  # fmt: skip
     lines = []
     for name, kind, help_text, value in series:

@@ -19,6 +19,7 @@ from llamabox.api.protocol import (
     ModelStatus,
 )
 from llamabox.api.state import AppState
+from llamabox.types import ModelInfo
 
 __all__ = ["model_card", "routes"]
 
@@ -40,6 +41,7 @@ def model_card(state: AppState, entry: ModelEntry) -> ModelCard:
         )
     if entry.spec.aliases:
         card.aliases = list(entry.spec.aliases)
+    card.capabilities = _capabilities(entry, info)
     seconds = entry.load_seconds
     progress = entry.engine.load_progress if entry.status == "loading" else None
     status = ModelStatus(
@@ -51,6 +53,15 @@ def model_card(state: AppState, entry: ModelEntry) -> ModelCard:
         status.failed, status.error = True, entry.error
     card.status = status
     return card
+
+
+def _capabilities(entry: ModelEntry, info: ModelInfo | None) -> list[str]:
+    caps = ["completion", "embedding"] if entry.config.engine.embeddings else ["completion"]
+    if info is not None and entry.engine.is_loaded:
+        caps += [name for name, on in (("vision", info.vision), ("audio", info.audio)) if on]
+    elif entry.config.engine.mmproj:
+        caps.append("vision")
+    return caps
 
 
 def _named(state: AppState, name: str) -> ModelEntry:

@@ -16,12 +16,14 @@ from llamabox import _core
 from llamabox.api import sse
 from llamabox.api.errors import APIError
 from llamabox.api.http import Request, Response, Route, StreamResponse, json_response
+from llamabox.api.media import LLAMA_CPP_MARKER, multimodal_prompt
 from llamabox.api.protocol import (
     ApplyTemplateRequest,
     ApplyTemplateResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     InfillRequest,
+    MultimodalPrompt,
     NativeCompletion,
     NativeCompletionRequest,
     NativeTokenProb,
@@ -45,7 +47,7 @@ from llamabox.api.serving import (
     timings,
 )
 from llamabox.api.state import VERSION, AppState, RequestStreamLike
-from llamabox.types import InvalidRequestError, TokenLogprob
+from llamabox.types import InvalidRequestError, MediaInput, TokenLogprob
 
 __all__ = ["routes"]
 
@@ -118,7 +120,7 @@ async def props(req: Request, state: AppState) -> Response:
             eos_token=info.eos_token,
             build_info=f"llamabox {VERSION} ({system['backend']}, {system['llama_cpp_build']})",
             system_info=system,
-            modalities={"vision": False, "audio": False},
+            modalities={"vision": info.vision, "audio": info.audio},
             embeddings=config.engine.embeddings,
             infill=config.infill and info.has_fim,
         )
@@ -181,7 +183,10 @@ async def detokenize(req: Request, state: AppState) -> Response:
 async def apply_template(req: Request, state: AppState) -> Response:
     body = req.decode(_template_request)
     state = await state.use_model(body.model, touch=False)
-    prompt = await render_chat(state, message_dicts(body.messages))
+    mark = state.engine.media_marker
+    prompt = await render_chat(state, message_dicts(body.messages, mark))
+    if mark is not None:  # shown as llama.cpp writes it
+        prompt = prompt.replace(mark, LLAMA_CPP_MARKER)
     return json_response(ApplyTemplateResponse(prompt))
 
 
@@ -201,7 +206,21 @@ async def _prompt(state: AppState, prompt: str | list[str | int]) -> Prompt:
 async def completion(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_completion_request)
     state = await state.use_model(body.model)
-    return await _generate(req, state, body, await _prompt(state, body.prompt))
+    prompt, files = body.prompt, body.multimodal_data
+    if isinstance(prompt, MultimodalPrompt):
+        if files is not None:
+            raise InvalidRequestError(
+                "give multimodal_data in the prompt object or beside it, not both",
+                param="multimodal_data",
+            )
+        files = prompt.multimodal_data
+        prompt = prompt.prompt_string
+    if files:
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("multimodal_data needs a text prompt", param="prompt")
+        text, media = await multimodal_prompt(state, prompt, files)
+        return await _generate(req, state, body, text, media)
+    return await _generate(req, state, body, await _prompt(state, prompt))
 
 
 async def infill(req: Request, state: AppState) -> Response | StreamResponse:
@@ -217,7 +236,11 @@ async def infill(req: Request, state: AppState) -> Response | StreamResponse:
 
 
 async def _generate(
-    req: Request, state: AppState, body: NativeCompletionRequest, prompt: Prompt
+    req: Request,
+    state: AppState,
+    body: NativeCompletionRequest,
+    prompt: Prompt,
+    media: list[MediaInput] | None = None,
 ) -> Response | StreamResponse:
     template = await generate_template(
         state,
@@ -226,6 +249,8 @@ async def _generate(
         max_tokens=max_tokens_from(("n_predict", body.n_predict), ("max_tokens", body.max_tokens)),
         n_probs=body.n_probs,
     )
+    if media:
+        template = msgspec.structs.replace(template, media=media)
     streams = await submit(state, [prompt], template, headers=req.headers)
     view = _View(state, body.return_tokens, template.sampling.logprobs)
     if body.stream:

@@ -20,6 +20,7 @@ import msgspec
 from llamabox.api.chat_setup import AnswerReader, setup_chat
 from llamabox.api.errors import APIError, from_exception, ollama_body
 from llamabox.api.http import Request, Response, Route, StreamResponse, json_response
+from llamabox.api.media import MediaRef, base64_refs, load_media, marker
 from llamabox.api.models_registry import ModelEntry
 from llamabox.api.protocol import AssistantMessage, ChatFields, ToolCall
 from llamabox.api.protocol_ollama import (
@@ -241,43 +242,55 @@ def _unload(state: AppState, name: str, line: Callable[[str], LineMaker]) -> Res
     return _loaded(line(entry.name), "unload")
 
 
-def _no_images(images: list[str] | None, param: str) -> None:
-    if images:
-        raise InvalidRequestError("image input needs a multimodal projector", param=param)
-
-
 async def generate(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_generate_request)
-    _no_images(body.images, "images")
     if not body.prompt and not body.suffix and keep_alive_seconds(body.keep_alive) == 0:
         return _unload(state, body.model, _generate_line)
     state = await _model(state, body.model, body.keep_alive)
     line = _generate_line(state.model_name)
+    # Ollama puts a request's images before its prompt.
+    images = "".join(marker(state, "images") for _ in body.images or [])
     prompt: Prompt
     if body.suffix:
+        if images:
+            raise InvalidRequestError("images cannot be combined with suffix", param="images")
         prompt = await infill_tokens(state, body.prompt, body.suffix)
-    elif not body.prompt:
+    elif not body.prompt and not images:
         return _loaded(line)
     elif body.raw:
-        prompt = body.prompt
+        prompt = images + body.prompt
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
-        messages.append({"role": "user", "content": body.prompt})
+        messages.append({"role": "user", "content": images + body.prompt})
         prompt = await render_chat(state, messages)
     request = _request(state, req.request_id, prompt, body.options, body.format)
+    if images:
+        media = await load_media(state, base64_refs(body.images, "images"))
+        request = msgspec.structs.replace(request, media=media)
     return await _answer(state, request, body.stream, line, req.headers)
 
 
-def _chat_messages(messages: list[OllamaMessage]) -> list[dict[str, Any]]:
-    """Ollama's messages as the template takes them. Ollama's calls carry no ids: each gets one
-    by its place (nine letters and digits, which every template takes), and each tool message
-    answers the earliest call of the last assistant turn not answered yet."""
+def _chat_media(
+    state: AppState, messages: list[OllamaMessage]
+) -> tuple[str | None, list[MediaRef]]:
+    """The media marker (None when no message has images) and the messages' images in order."""
+    refs = [
+        r for i, m in enumerate(messages) for r in base64_refs(m.images, f"messages[{i}].images")
+    ]
+    return (marker(state, refs[0].param) if refs else None), refs
+
+
+def _chat_messages(messages: list[OllamaMessage], mark: str | None = None) -> list[dict[str, Any]]:
+    """Ollama's messages as the template takes them (a message's images, as ``mark``, before
+    its text). Ollama's calls carry no ids: each gets one by its place (nine letters and digits,
+    which every template takes), and each tool message answers the earliest call of the last
+    assistant turn not answered yet."""
     out: list[dict[str, Any]] = []
     unanswered: list[str] = []
     n_calls = 0
-    for i, m in enumerate(messages):
-        _no_images(m.images, f"messages[{i}].images")
-        entry: dict[str, Any] = {"role": m.role, "content": m.content}
+    for m in messages:
+        content = (mark or "") * len(m.images or []) + m.content if m.images else m.content
+        entry: dict[str, Any] = {"role": m.role, "content": content}
         if m.thinking:
             entry["reasoning_content"] = m.thinking
         if m.tool_calls:
@@ -333,11 +346,17 @@ async def chat(req: Request, state: AppState) -> Response | StreamResponse:
     elif isinstance(body.think, str):
         fields.reasoning_effort = body.think
     request = _request(state, req.request_id, "", body.options, body.format)
+    mark, refs = _chat_media(state, body.messages)
+    media = await load_media(state, refs)
     setup = await setup_chat(
-        state, fields, _chat_messages(body.messages), request.sampling, request_grammar=False
+        state, fields, _chat_messages(body.messages, mark), request.sampling, request_grammar=False
     )
     request = msgspec.structs.replace(
-        request, prompt=setup.prompt, sampling=setup.sampling, stop=[*request.stop, *setup.stops]
+        request,
+        prompt=setup.prompt,
+        media=media,
+        sampling=setup.sampling,
+        stop=[*request.stop, *setup.stops],
     )
     reader = setup.reader(state)
     if reader is None:
@@ -489,6 +508,10 @@ async def show(req: Request, state: AppState) -> Response:
         capabilities.append("embedding")
     if info.has_fim:
         capabilities.append("insert")
+    if info.vision:
+        capabilities.append("vision")
+    if info.audio:
+        capabilities.append("audio")
     return json_response(
         OllamaShowResponse(
             modelfile=f"FROM {info.path}\n",

@@ -13,6 +13,7 @@ import numpy as np
 from llamabox.api import sse
 from llamabox.api.chat_setup import AnswerReader, start_chat
 from llamabox.api.http import Request, Response, Route, StreamResponse, json_response, new_id
+from llamabox.api.media import multimodal_prompt
 from llamabox.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -32,6 +33,7 @@ from llamabox.api.protocol import (
     EmbeddingList,
     EmbeddingRequest,
     EmbeddingUsage,
+    MultimodalPrompt,
     UsageInfo,
 )
 from llamabox.api.serving import (
@@ -51,7 +53,7 @@ from llamabox.api.serving import (
     usage_info,
 )
 from llamabox.api.state import AppState, RequestStreamLike
-from llamabox.types import InvalidRequestError, TokenLogprob, Usage
+from llamabox.types import InvalidRequestError, MediaInput, TokenLogprob, Usage
 
 __all__ = ["routes"]
 
@@ -203,7 +205,33 @@ class _Offsets:
         )
 
 
+async def _completion_media(
+    state: AppState, body: CompletionRequest
+) -> tuple[list[Prompt], list[MediaInput]] | None:
+    """A multimodal prompt (llama.cpp's object, or a text prompt beside multimodal_data) as
+    its text and files; None for a text or token prompt without files."""
+    prompt, files = body.prompt, body.multimodal_data
+    if isinstance(prompt, MultimodalPrompt):
+        if files is not None:
+            raise InvalidRequestError(
+                "give multimodal_data in the prompt object or beside it, not both",
+                param="multimodal_data",
+            )
+        files = prompt.multimodal_data
+        prompt = prompt.prompt_string
+    if not files:
+        return None
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("multimodal_data needs one text prompt", param="prompt")
+    if body.suffix is not None:
+        raise InvalidRequestError("multimodal_data cannot be combined with suffix", param="suffix")
+    text, media = await multimodal_prompt(state, prompt, files)
+    return [text], media
+
+
 async def _completion_prompts(state: AppState, body: CompletionRequest) -> list[Prompt]:
+    if isinstance(body.prompt, MultimodalPrompt):
+        return [body.prompt.prompt_string]
     prompts = prompt_list(body.prompt)
     if body.suffix is None:
         return prompts
@@ -216,7 +244,8 @@ async def completions(req: Request, state: AppState) -> Response | StreamRespons
     body = req.decode(_completion_request)
     state = await state.use_model(body.model)
     check_n(state, body.n)
-    prompts = await _completion_prompts(state, body)
+    with_media = await _completion_media(state, body)
+    prompts = with_media[0] if with_media else await _completion_prompts(state, body)
     template = await generate_template(
         state,
         body,
@@ -225,6 +254,8 @@ async def completions(req: Request, state: AppState) -> Response | StreamRespons
         logprobs=body.logprobs is not None,
         n_probs=body.logprobs,
     )
+    if with_media:
+        template = msgspec.structs.replace(template, media=with_media[1])
     streams = await submit(state, prompts, template, body.n, headers=req.headers)
     echoes = [""] * len(streams)
     if body.echo:

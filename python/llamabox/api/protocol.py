@@ -50,10 +50,43 @@ class ImageURL(Struct):
 
 
 class ImagePart(Struct, tag_field="type", tag="image_url"):
-    image_url: ImageURL
+    image_url: ImageURL | str  # OpenAI's object; the bare URL as some clients send it
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
-ContentPart = TextPart | ImagePart
+class SourcedImagePart(ImagePart, kw_only=True):
+    """An image part made from another API's image (Responses' ``input_image``, an Anthropic
+    image block), with its place on that API's wire, for errors. Never decoded."""
+
+    wire_param: str
+
+
+def part_param(part: object, default: str) -> str:
+    """Where a content part is on the wire: ``default``, unless it came from another API."""
+    return part.wire_param if isinstance(part, SourcedImagePart) else default
+
+
+class InputAudio(Struct):
+    data: str  # base64
+    format: str = "wav"  # wav, mp3 (OpenAI); flac too (libmtmd)
+
+
+class AudioPart(Struct, tag_field="type", tag="input_audio"):
+    input_audio: InputAudio
+
+
+ContentPart = TextPart | ImagePart | AudioPart
+
+
+class MultimodalPrompt(Struct, kw_only=True, forbid_unknown_fields=True):
+    """llama.cpp's multimodal prompt: text with one ``<__media__>`` marker per file of
+    ``multimodal_data`` (base64), in order."""
+
+    prompt_string: str
+    multimodal_data: list[str] = []
 
 
 class InputFunctionCall(Struct, kw_only=True):
@@ -226,7 +259,8 @@ class ChatCompletionRequest(ChatFields, kw_only=True):
 
 
 class CompletionRequest(OpenAIGenerationFields, kw_only=True):
-    prompt: PromptInput
+    prompt: PromptInput | MultimodalPrompt
+    multimodal_data: list[str] | None = None  # llama.cpp's: files for a text prompt's markers
     suffix: str | None = None
     echo: bool = False
     logprobs: TopLogprobs | None = None
@@ -242,9 +276,11 @@ class EmbeddingRequest(Struct, kw_only=True):
 
 
 class NativeCompletionRequest(SamplingFields, kw_only=True):
-    """llama.cpp's ``POST /completion``: prompt as text, or tokens mixed with text pieces."""
+    """llama.cpp's ``POST /completion``: prompt as text, or tokens mixed with text pieces, or a
+    multimodal prompt (also as a text prompt beside ``multimodal_data``)."""
 
-    prompt: str | list[str | int] = ""
+    prompt: str | list[str | int] | MultimodalPrompt = ""
+    multimodal_data: list[str] | None = None
     model: str | None = None  # several models: which one
     temperature: NativeTemperature | None = None
     n_predict: MaxTokens | None = None
@@ -474,6 +510,9 @@ class ModelCard(Struct, kw_only=True):
     meta: ModelMeta | UnsetType = UNSET
     aliases: list[str] | UnsetType = UNSET  # other names that pick it (several models)
     status: ModelStatus | UnsetType = UNSET
+    # What it takes and does: "completion", "embedding", "vision", "audio" (when known: a
+    # model not loaded yet has "vision" from --mmproj; "audio" is known once loaded).
+    capabilities: list[str] | UnsetType = UNSET
 
 
 class ModelActionRequest(Struct, kw_only=True):

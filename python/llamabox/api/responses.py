@@ -20,6 +20,7 @@ from llamabox.api.http import Request, Response, Route, StreamResponse, json_res
 from llamabox.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
+    ContentPart,
     Delta,
     FunctionDef,
     FunctionName,
@@ -30,6 +31,7 @@ from llamabox.api.protocol import (
     JSONSchemaSpec,
     NamedToolChoice,
     SamplingFields,
+    SourcedImagePart,
     TextPart,
     Tool,
 )
@@ -69,12 +71,34 @@ def _text(content: str | list[InputContent], param: str) -> str:
     texts = []
     for j, part in enumerate(content):
         if isinstance(part, InputImage):
-            raise InvalidRequestError(
-                "image input needs a multimodal projector (--mmproj), not loaded",
-                param=f"{param}[{j}]",
-            )
+            raise InvalidRequestError("images belong to messages, not here", param=f"{param}[{j}]")
         texts.append(part.refusal if isinstance(part, Refusal) else part.text)
     return "\n".join(texts)
+
+
+def _parts(content: str | list[InputContent], param: str) -> list[ContentPart]:
+    """A message's content as chat parts: its texts joined as one part before each image, and
+    each ``input_image`` (a data: or http(s) URL) as an image part."""
+    if isinstance(content, str):
+        return [TextPart(content)]
+    parts: list[ContentPart] = []
+    texts: list[str] = []
+    for j, part in enumerate(content):
+        if not isinstance(part, InputImage):
+            texts.append(part.refusal if isinstance(part, Refusal) else part.text)
+            continue
+        if part.image_url is None:
+            raise InvalidRequestError(
+                "this server keeps no files: send the image as image_url (a data: URL)",
+                param=f"{param}[{j}]",
+            )
+        if texts:
+            parts.append(TextPart("\n".join(texts)))
+            texts = []
+        parts.append(SourcedImagePart(image_url=part.image_url, wire_param=f"{param}[{j}]"))
+    if texts or not parts:
+        parts.append(TextPart("\n".join(texts)))
+    return parts
 
 
 def _items(body: ResponsesRequest) -> list[InputItem]:
@@ -97,8 +121,8 @@ def chat_messages(body: ResponsesRequest) -> list[ChatMessage]:
         out.append(ChatMessage(role="system", content=body.instructions))
     for i, item in enumerate(_items(body)):
         if isinstance(item, MessageItem):
-            text = _text(item.content, f"input[{i}].content")
-            out.append(ChatMessage(role=item.role, content=[TextPart(text)]))
+            parts = _parts(item.content, f"input[{i}].content")
+            out.append(ChatMessage(role=item.role, content=parts))
         elif isinstance(item, FunctionCallItem):
             call = InputToolCall(
                 id=item.call_id,

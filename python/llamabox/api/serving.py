@@ -30,6 +30,7 @@ from llamabox.api.protocol import (
     TextPart,
     Timings,
     UsageInfo,
+    part_param,
 )
 from llamabox.api.state import AppState, RequestStreamLike
 from llamabox.types import (
@@ -48,24 +49,34 @@ Prompt = str | list[int]
 ANY_JSON_OBJECT = '{"type": "object"}'
 
 
-def message_dicts(messages: Iterable[ChatMessage]) -> list[dict[str, Any]]:
+def message_dicts(
+    messages: Iterable[ChatMessage], marker: str | None = None
+) -> list[dict[str, Any]]:
     """OpenAI messages as the engine's template renderer takes them: text content, the text
     parts of a message joined by newlines; the legacy ``function`` role and ``function_call``
-    as a tool message and a tool call."""
+    as a tool message and a tool call. With a media ``marker`` (the engine's), a message with
+    media keeps its parts, each media part a ``media_marker`` part (llama.cpp joins those into
+    the text without newlines around them); without one, media parts are a 400."""
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         entry = msgspec.to_builtins(message)
         content = message.content
         if isinstance(content, list):
             texts = []
+            parts: list[dict[str, str]] = []
             for j, part in enumerate(content):
-                if not isinstance(part, TextPart):
+                if isinstance(part, TextPart):
+                    texts.append(part.text)
+                    parts.append({"type": "text", "text": part.text})
+                    continue
+                if marker is None:
                     raise InvalidRequestError(
-                        "image input needs a multimodal projector (--mmproj), not loaded",
-                        param=f"messages[{i}].content[{j}]",
+                        "media input needs a multimodal projector; this model has none (start "
+                        "the server with --mmproj FILE)",
+                        param=part_param(part, f"messages[{i}].content[{j}]"),
                     )
-                texts.append(part.text)
-            entry["content"] = "\n".join(texts)
+                parts.append({"type": "media_marker", "text": marker})
+            entry["content"] = "\n".join(texts) if len(parts) == len(texts) else parts
         elif content is None and not (message.tool_calls or message.function_call):
             entry["content"] = ""
         if message.role == "developer":  # templates know "system"

@@ -1,0 +1,249 @@
+"""Media inputs in the engine (--mmproj): images as runs of placeholder tokens in the slot
+scheduler, on the tiny model with a tiny LLaVA-style projector and on Gemma 3 270M with a tiny
+``gemma3`` projector (non-causal image attention) of its hidden size.
+
+Random weights say nothing about what an image shows; what is tested is that the image reaches
+the model (the next-token distribution moves with the image), that a repeated image is neither
+encoded again nor prefilled again, that media and text requests share steps, and that errors
+are clear and leave the engine serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from llamabox.engine import Engine
+from llamabox.types import (
+    EngineConfig,
+    GenerateRequest,
+    InvalidRequestError,
+    MediaInput,
+    SamplingParams,
+)
+from tests.conftest import _started, _stopped
+from tests.fixtures.tiny_mmproj import make_test_png, make_tiny_gemma3_mmproj, make_tiny_mmproj
+from tests.integration.engine_helpers import collect
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+
+IMAGE_A = make_test_png(None, 40, 30, seed=1)
+IMAGE_B = make_test_png(None, 40, 30, seed=2)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def media_engine(
+    tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Engine]:
+    """The tiny model with a tiny mlp projector (16 image tokens), 4 slots, a small cache."""
+    proj = make_tiny_mmproj(tmp_path_factory.mktemp("mmproj") / "mlp.gguf")
+    engine = await _started(
+        EngineConfig(
+            model=str(tiny_model_path),
+            mmproj=str(proj),
+            n_parallel=4,
+            n_ctx=4 * 512,
+            n_threads=2,
+            max_projected_cache=3,
+        )
+    )
+    yield engine
+    await _stopped(engine)
+
+
+def _request(engine: Engine, text: str, *images: bytes, **sampling: object) -> GenerateRequest:
+    mark = engine.media_marker
+    assert mark is not None
+    media = [
+        MediaInput(data=img, param=f"messages[0].content[{i}]") for i, img in enumerate(images)
+    ]
+    return GenerateRequest(
+        prompt=text.replace("<image>", mark),
+        media=media,
+        max_tokens=1,
+        sampling=SamplingParams(temperature=0.0, logprobs=True, n_probs=8, **sampling),  # type: ignore[arg-type]
+    )
+
+
+async def _first_logprobs(engine: Engine, request: GenerateRequest) -> dict[int, float]:
+    outs, _ = await collect(engine, request)
+    lps = [lp for o in outs for lp in o.logprobs or []]
+    assert lps
+    return {t.token: t.logprob for t in lps[0].top}
+
+
+def _differ(a: dict[int, float], b: dict[int, float], tol: float = 1e-3) -> bool:
+    if a.keys() != b.keys():
+        return True
+    return any(abs(a[k] - b[k]) > tol for k in a)
+
+
+async def test_model_info_and_marker(media_engine: Engine) -> None:
+    info = media_engine.model_info
+    assert info.vision and not info.audio
+    mark = media_engine.media_marker
+    assert mark and mark.startswith("<__llamabox_media_")
+
+
+async def test_image_moves_the_distribution(media_engine: Engine) -> None:
+    none = await _first_logprobs(media_engine, _request(media_engine, "Look: . What is it?"))
+    a = await _first_logprobs(
+        media_engine, _request(media_engine, "Look: <image>. What is it?", IMAGE_A)
+    )
+    b = await _first_logprobs(
+        media_engine, _request(media_engine, "Look: <image>. What is it?", IMAGE_B)
+    )
+    assert _differ(a, none)
+    assert _differ(a, b)
+
+
+async def test_repeated_image_hits_caches(media_engine: Engine) -> None:
+    image = make_test_png(None, 40, 30, seed=11)
+    before = media_engine.stats()
+    req = _request(media_engine, "Describe <image> please", image)
+    _, first = await collect(media_engine, req)
+    mid = media_engine.stats()
+    assert mid.n_media_inputs_total == before.n_media_inputs_total + 1
+    assert mid.n_media_encoded_total == before.n_media_encoded_total + 1
+    _, second = await collect(media_engine, req)
+    after = media_engine.stats()
+    assert after.n_media_cache_hits_total == mid.n_media_cache_hits_total + 1
+    assert after.n_media_encoded_total == mid.n_media_encoded_total
+    assert first.usage is not None and second.usage is not None
+    # the image's tokens count in the prompt, and the second prefill reuses them
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens > 16
+    assert second.usage.cached_tokens >= second.usage.prompt_tokens - 4
+    assert after.n_media_cache_entries <= 3
+
+
+async def test_prefix_reuse_stops_at_a_different_image(media_engine: Engine) -> None:
+    """Same text, a different image at the same place: the cached prefix ends before it."""
+    prompt = "A long enough shared prefix of words. <image> and then"
+    img1, img2 = make_test_png(None, 40, 30, seed=21), make_test_png(None, 40, 30, seed=22)
+    await collect(media_engine, _request(media_engine, prompt, img1))
+    _, last = await collect(media_engine, _request(media_engine, prompt, img2))
+    assert last.usage is not None
+    assert 0 < last.usage.cached_tokens < last.usage.prompt_tokens - 16
+
+
+async def test_several_images_in_one_prompt(media_engine: Engine) -> None:
+    ab = await _first_logprobs(
+        media_engine, _request(media_engine, "<image> vs <image>?", IMAGE_A, IMAGE_B)
+    )
+    ba = await _first_logprobs(
+        media_engine, _request(media_engine, "<image> vs <image>?", IMAGE_B, IMAGE_A)
+    )
+    assert _differ(ab, ba)
+
+
+async def test_concurrent_media_and_text(media_engine: Engine) -> None:
+    reqs = [
+        _request(media_engine, f"Q{i}: <image> then", make_test_png(None, 40, 30, seed=100 + i))
+        for i in range(6)
+    ]
+    reqs += [
+        GenerateRequest(
+            prompt=f"plain text {i}", max_tokens=8, sampling=SamplingParams(temperature=0)
+        )
+        for i in range(4)
+    ]
+    results = await asyncio.gather(*(collect(media_engine, r) for r in reqs))
+    assert all(last.finish_reason in ("length", "stop") for _, last in results)
+
+
+async def test_errors_name_the_part_and_keep_serving(media_engine: Engine) -> None:
+    with pytest.raises(InvalidRequestError) as bad:
+        await collect(
+            media_engine, _request(media_engine, "x <image> y", b"\x89PNG\r\n\x1a\nnot really")
+        )
+    assert bad.value.param == "messages[0].content[0]"
+    with pytest.raises(InvalidRequestError):  # one marker, two files
+        await collect(media_engine, _request(media_engine, "x <image> y", IMAGE_A, IMAGE_B))
+    with pytest.raises(InvalidRequestError):  # a prompt may not end in an image
+        await collect(media_engine, _request(media_engine, "x <image>", IMAGE_A))
+    outs, last = await collect(media_engine, _request(media_engine, "x <image> y", IMAGE_A))
+    assert last.finish_reason == "length"
+
+
+async def test_fifty_image_requests_back_to_back(media_engine: Engine) -> None:
+    """gpustack#2090: a server that hung after a few image requests. Five distinct images in a
+    cache of three, so entries are evicted and encoded again along the way."""
+    images = [make_test_png(None, 40, 30, seed=200 + i) for i in range(5)]
+    for i in range(50):
+        _, last = await collect(
+            media_engine, _request(media_engine, f"n{i} <image> ok", images[i % 5])
+        )
+        assert last.finish_reason == "length"
+    stats = media_engine.stats()
+    assert stats.n_busy == 0 and stats.n_queued == 0
+    assert stats.n_media_cache_entries <= 3
+
+
+async def test_no_projector_is_a_clear_error(tiny_engine: Engine) -> None:
+    assert tiny_engine.media_marker is None
+    req = GenerateRequest(prompt="x y", media=[MediaInput(data=IMAGE_A, param="images[0]")])
+    with pytest.raises(InvalidRequestError) as e:
+        await collect(tiny_engine, req)
+    assert e.value.param == "images[0]"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def gemma_media_engine(
+    gemma_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Engine]:
+    proj = make_tiny_gemma3_mmproj(tmp_path_factory.mktemp("mmproj") / "gemma3.gguf", n_merge=2)
+    engine = await _started(
+        EngineConfig(
+            model=str(gemma_model_path), mmproj=str(proj), n_parallel=2, n_ctx=2048, n_threads=2
+        )
+    )
+    yield engine
+    await _stopped(engine)
+
+
+@pytest.mark.slow
+async def test_gemma3_takes_an_image(gemma_media_engine: Engine) -> None:
+    """The real model through the whole path: a non-causal image run of 256 tokens (64/4
+    patches, pooled by 2), its distribution moved by the image, and the repeat cached."""
+    engine = gemma_media_engine
+    prompt = "<start_of_turn>user\n<image>Describe the image.<end_of_turn>\n<start_of_turn>model\n"
+    none = await _first_logprobs(engine, _request(engine, prompt.replace("<image>", "")))
+    b = await _first_logprobs(engine, _request(engine, prompt, IMAGE_B))
+    a = await _first_logprobs(engine, _request(engine, prompt, IMAGE_A))
+    assert _differ(a, none) and _differ(a, b)
+    outs, last = await collect(engine, _request(engine, prompt, IMAGE_A))  # right after A
+    assert last.usage is not None
+    assert last.usage.prompt_tokens > 64
+    assert last.usage.cached_tokens >= last.usage.prompt_tokens - 4
+
+
+async def test_image_in_ubatch_sized_pieces(
+    media_engine: Engine, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """A causal image run longer than n_ubatch is decoded in pieces, within the step budget of
+    the other slots; the model sees the same thing as when it is decoded whole."""
+    proj = make_tiny_mmproj(tmp_path / "mlp.gguf")
+    engine = await _started(
+        EngineConfig(
+            model=str(tiny_model_path),
+            mmproj=str(proj),
+            n_parallel=2,
+            n_ctx=1024,
+            n_batch=8,
+            n_ubatch=8,
+            n_threads=2,
+        )
+    )
+    try:
+        prompt = "Look: <image>. What is it?"
+        pieces = await _first_logprobs(engine, _request(engine, prompt, IMAGE_A))
+        whole = await _first_logprobs(media_engine, _request(media_engine, prompt, IMAGE_A))
+        assert pieces.keys() == whole.keys()
+        assert not _differ(pieces, whole, tol=1e-2)
+        assert engine.stats().n_media_decodes_total >= 2
+    finally:
+        await _stopped(engine)
