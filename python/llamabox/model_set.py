@@ -5,7 +5,9 @@
 subdirectory that holds one model (its directory name is an alias). Not models on their own:
 ``mmproj*.gguf`` (multimodal projectors) and the shards of a split model after the first
 (``-00002-of-00003.gguf``; the first, ``-00001-of-N``, stands for the model, named without the
-suffix). Hidden files are skipped, and so are subdirectories holding several models.
+suffix). Hidden files are skipped, and so are subdirectories holding several models. A model in
+a subdirectory with one ``mmproj*.gguf`` beside it gets that projector (``--mmproj``), as
+llama-server's router pairs them.
 
 ``--models-config FILE``::
 
@@ -82,6 +84,16 @@ def discover_models(directory: Path) -> list[tuple[str, Path, list[str]]]:
                 name, file = inner[0]
                 found.append((name, file.resolve(), [item.name] if item.name != name else []))
     return sorted(found, key=lambda x: x[0])
+
+
+def directory_projector(model: Path) -> Path | None:
+    """The projector of a model alone in a subdirectory: the one ``mmproj*.gguf`` beside it."""
+    found = [
+        f
+        for f in model.parent.iterdir()
+        if f.is_file() and f.suffix.lower() == ".gguf" and f.stem.lower().startswith("mmproj")
+    ]
+    return found[0].resolve() if len(found) == 1 else None
 
 
 def read_models_config(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -274,7 +286,8 @@ def model_set(
     if models_dir is not None:
         listed = {Path(m.engine.model).resolve() for m in models}
         taken = {name for m in models for name in (m.name, *m.aliases)}
-        found = discover_models(Path(models_dir))
+        directory = Path(models_dir).resolve()
+        found = discover_models(directory)
         taken |= {name for name, _, _ in found}
         for name, file, aliases in found:
             if file in listed:
@@ -282,6 +295,9 @@ def model_set(
             aliases = [a for a in aliases if a not in taken]  # a directory's name, if free
             taken.update(aliases)
             engine = msgspec.structs.replace(base.engine, model=str(file))
+            projector = directory_projector(file) if file.parent != directory else None
+            if projector is not None and engine.mmproj is None:
+                engine = msgspec.structs.replace(engine, mmproj=str(projector))
             models.append(
                 ModelConfig(name=name, aliases=aliases, engine=engine, sampling=base.sampling)
             )

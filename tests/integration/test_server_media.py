@@ -351,6 +351,10 @@ def test_multimodal_data_on_completion_endpoints(media_server: ServerProcess) ->
     assert a.status_code == 200 and b.status_code == 200, (a.text, b.text)
     assert a.json()["completion_probabilities"] != b.json()["completion_probabilities"]
     assert a.json()["tokens_evaluated"] > 16
+    mark = httpx.get(f"{url}/props", timeout=10).json()["media_marker"]  # llama-server's way
+    c = native({"prompt": f"Look {mark} now", "multimodal_data": [b64(IMAGE_A)], **base})
+    assert c.status_code == 200, c.text
+    assert c.json()["completion_probabilities"] == a.json()["completion_probabilities"]
     mismatch = native({"prompt": "<__media__> <__media__>", "multimodal_data": [b64(IMAGE_A)]})
     assert mismatch.status_code == 400
     oai = media_server.openai().completions.create(

@@ -53,6 +53,13 @@ def test_models_dir_serves_them_all_the_first_by_name_the_default(models_dir: Pa
     assert all(m.engine.n_ctx == 2048 and m.sampling.temperature == 0.5 for m in c.models)
     assert not any(m.load_on_startup for m in c.models)
     assert (c.models_max, c.models_ttl) == (4, 0.0)
+    # the projector beside a model in its own directory is its --mmproj; a loose one is no one's
+    projectors = {m.name: m.engine.mmproj and Path(m.engine.mmproj).name for m in c.models}
+    assert projectors == {
+        "big": None,
+        "gemma-3-4b-it-Q8_0": "mmproj-gemma.gguf",
+        "llama-3.2-1b-Q4_K_M": None,
+    }
     env = {"LLAMA_ARG_MODELS_DIR": str(models_dir), "LLAMA_ARG_MODELS_MAX": "1"}
     c = parse_serve_args(["--models-ttl", "30"], env)
     assert c.models is not None and len(c.models) == 3

@@ -201,20 +201,20 @@ def _webp_to_png(data: bytes, param: str) -> bytes:
 async def multimodal_prompt(
     state: AppState, text: str, files: Sequence[str], param: str = "multimodal_data"
 ) -> tuple[str, list[MediaInput]]:
-    """llama.cpp's multimodal prompt: ``text`` with a ``<__media__>`` marker per base64 file of
-    ``files``, in order (with no marker at all, the files go first). Returns the prompt with the
-    engine's marker in their places, and the files."""
+    """llama.cpp's multimodal prompt: ``text`` with a marker per base64 file of ``files``, in
+    order (``<__media__>``, or the engine's own as ``/props`` gives it; with no marker at all,
+    the files go first). Returns the prompt with the engine's marker in their places, and the
+    files."""
     mark = marker(state, param)
-    n_markers = text.count(LLAMA_CPP_MARKER)
+    text = text.replace(LLAMA_CPP_MARKER, mark)
+    n_markers = text.count(mark)
     if n_markers == 0:
-        text = LLAMA_CPP_MARKER * len(files) + text
+        text = mark * len(files) + text
     elif n_markers != len(files):
         raise InvalidRequestError(
-            f"the prompt has {n_markers} {LLAMA_CPP_MARKER} markers for {len(files)} files of "
-            f"{param}",
+            f"the prompt has {n_markers} media markers ({LLAMA_CPP_MARKER}) for {len(files)} "
+            f"files of {param}",
             param="prompt",
         )
-    if mark in text:
-        raise InvalidRequestError("the prompt holds the server's own media marker", param="prompt")
     media = await load_media(state, base64_refs(files, param))
-    return text.replace(LLAMA_CPP_MARKER, mark), media
+    return text, media

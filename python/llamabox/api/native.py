@@ -121,6 +121,7 @@ async def props(req: Request, state: AppState) -> Response:
             build_info=f"llamabox {VERSION} ({system['backend']}, {system['llama_cpp_build']})",
             system_info=system,
             modalities={"vision": info.vision, "audio": info.audio},
+            media_marker=state.engine.media_marker or msgspec.UNSET,
             embeddings=config.engine.embeddings,
             infill=config.infill and info.has_fim,
         )

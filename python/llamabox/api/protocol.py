@@ -594,6 +594,9 @@ class Props(Struct, kw_only=True):
     build_info: str
     system_info: dict[str, Any]  # backend, ggml backends, devices, llama.cpp build, CPU features
     modalities: dict[str, bool]
+    # What marks a file's place in a /completion multimodal prompt (as llama-server's /props
+    # says; "<__media__>" works too); absent without a projector.
+    media_marker: str | UnsetType = UNSET
     embeddings: bool
     infill: bool
 
