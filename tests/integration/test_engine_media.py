@@ -19,6 +19,7 @@ import pytest_asyncio
 
 from llamabox.engine import Engine
 from llamabox.types import (
+    ContextLengthError,
     EngineConfig,
     GenerateRequest,
     InvalidRequestError,
@@ -247,3 +248,19 @@ async def test_image_in_ubatch_sized_pieces(
         assert engine.stats().n_media_decodes_total >= 2
     finally:
         await _stopped(engine)
+
+
+async def test_context_check_counts_image_tokens(media_engine: Engine) -> None:
+    """A prompt whose text fits the slot's 512 positions but not with its 16 image tokens."""
+    words = "one two three four five six seven eight nine ten " * 60
+    n = len(await media_engine.tokenize(words))
+    while n > 500:  # text that fits, with room for less than the image
+        words = words.rsplit(" ", 2)[0] + " "
+        n = len(await media_engine.tokenize(words))
+    assert 490 < n <= 500
+    _, alone = await collect(media_engine, _request(media_engine, words + " end"))  # text fits
+    assert alone.finish_reason == "length"
+    req = _request(media_engine, words + "<image> end", IMAGE_A)
+    req.sampling.ignore_eos = True
+    with pytest.raises(ContextLengthError):
+        await collect(media_engine, req)
