@@ -27,7 +27,13 @@ from llamabox.types import (
     SamplingParams,
 )
 from tests.conftest import _started, _stopped
-from tests.fixtures.tiny_mmproj import make_test_png, make_tiny_gemma3_mmproj, make_tiny_mmproj
+from tests.fixtures.tiny_mmproj import (
+    make_test_png,
+    make_test_wav,
+    make_tiny_audio_mmproj,
+    make_tiny_gemma3_mmproj,
+    make_tiny_mmproj,
+)
 from tests.integration.engine_helpers import collect
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -264,3 +270,26 @@ async def test_context_check_counts_image_tokens(media_engine: Engine) -> None:
     req.sampling.ignore_eos = True
     with pytest.raises(ContextLengthError):
         await collect(media_engine, req)
+
+
+async def test_audio_through_a_whisper_projector(tiny_model_path: Path, tmp_path: Path) -> None:
+    """A tiny Qwen2-Audio projector: a WAV becomes one 750-token chunk (30 s, padded), which
+    moves the distribution with the audio and is cached like an image."""
+    proj = make_tiny_audio_mmproj(tmp_path / "qwen2a.gguf")
+    engine = await _started(
+        EngineConfig(
+            model=str(tiny_model_path), mmproj=str(proj), n_parallel=1, n_ctx=2048, n_threads=2
+        )
+    )
+    try:
+        assert engine.model_info.audio and not engine.model_info.vision
+        wav1, wav2 = make_test_wav(1.0, seed=1), make_test_wav(1.0, seed=2)
+        one = await _first_logprobs(engine, _request(engine, "Listen: <image> what?", wav1))
+        two = await _first_logprobs(engine, _request(engine, "Listen: <image> what?", wav2))
+        assert _differ(one, two)
+        _, last = await collect(engine, _request(engine, "Listen: <image> what?", wav2))
+        assert last.usage is not None and last.usage.prompt_tokens > 750
+        assert last.usage.cached_tokens >= last.usage.prompt_tokens - 4
+        assert engine.stats().n_media_cache_hits_total >= 1
+    finally:
+        await _stopped(engine)

@@ -21,7 +21,13 @@ import httpx
 import openai
 import pytest
 
-from tests.fixtures.tiny_mmproj import make_test_image, make_test_png, make_tiny_mmproj
+from tests.fixtures.tiny_mmproj import (
+    make_test_image,
+    make_test_png,
+    make_test_wav,
+    make_tiny_audio_mmproj,
+    make_tiny_mmproj,
+)
 from tests.integration.server_fixtures import ServerProcess, start_server
 
 pytestmark = pytest.mark.integration
@@ -512,3 +518,42 @@ def test_remote_media_fetched_when_allowed(
         for path, says in (("/missing.png", "404"), ("/big.png", "--media-max-size")):
             error = _bad(server, [{"type": "image_url", "image_url": {"url": file_server + path}}])
             assert says in str(error["message"]), error
+
+
+def test_input_audio_through_the_sdk(tiny_model_path: Path, tmp_path: Path) -> None:
+    proj = make_tiny_audio_mmproj(tmp_path / "qwen2a.gguf")
+    with start_server(
+        tiny_model_path, "-np", "1", "-c", "2048", "-a", "ears", "--mmproj", str(proj)
+    ) as server:
+        client = server.openai()
+
+        def ask(wav: bytes) -> dict[str, float]:
+            r = client.chat.completions.create(
+                model="ears",
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What do you hear?"},
+                            {
+                                "type": "input_audio",
+                                "input_audio": {"data": b64(wav), "format": "wav"},
+                            },
+                        ],
+                    }
+                ],
+                max_tokens=1,
+                temperature=0,
+                logprobs=True,
+                top_logprobs=8,
+            )
+            assert r.usage is not None and r.usage.prompt_tokens > 750
+            return _top(r.choices[0].logprobs)
+
+        assert _differ(ask(make_test_wav(1.0, seed=1)), ask(make_test_wav(1.0, seed=2)))
+        props = httpx.get(f"{server.base_url}/props", timeout=10).json()
+        assert props["modalities"] == {"vision": False, "audio": True}
+        models = httpx.get(f"{server.base_url}/v1/models", timeout=10).json()["data"]
+        assert "audio" in models[0]["capabilities"] and "vision" not in models[0]["capabilities"]
+        error = _bad(server, [{"type": "image_url", "image_url": {"url": data_url(IMAGE_A)}}])
+        assert "image" in str(error["message"]) and error["param"] == "messages[1].content[0]"
