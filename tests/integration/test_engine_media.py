@@ -25,6 +25,7 @@ from llamabox.types import (
     InvalidRequestError,
     MediaInput,
     SamplingParams,
+    SpeculativeConfig,
 )
 from tests.conftest import _started, _stopped
 from tests.fixtures.tiny_mmproj import (
@@ -291,5 +292,37 @@ async def test_audio_through_a_whisper_projector(tiny_model_path: Path, tmp_path
         assert last.usage is not None and last.usage.prompt_tokens > 750
         assert last.usage.cached_tokens >= last.usage.prompt_tokens - 4
         assert engine.stats().n_media_cache_hits_total >= 1
+    finally:
+        await _stopped(engine)
+
+
+async def test_speculation_is_off_for_media_requests(
+    media_engine: Engine, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """A server with n-gram drafting serves an image request with plain decoding: nothing is
+    drafted for it, and its greedy tokens are those of a server without speculation."""
+    proj = make_tiny_mmproj(tmp_path / "mlp.gguf")  # the same seed: the same projector
+    engine = await _started(
+        EngineConfig(
+            model=str(tiny_model_path),
+            mmproj=str(proj),
+            n_parallel=2,
+            n_ctx=1024,
+            n_threads=2,
+            speculative=SpeculativeConfig(types=["ngram-simple"]),
+        )
+    )
+    try:
+        prompt = "a b c a b c a b c <image> a b c a b c"
+
+        def req(e: Engine) -> GenerateRequest:
+            r = _request(e, prompt, IMAGE_A, ignore_eos=True)
+            r.max_tokens = 16
+            return r
+
+        outs, last = await collect(engine, req(engine))
+        plain, _ = await collect(media_engine, req(media_engine))
+        assert last.usage is not None and last.usage.drafted_tokens == 0
+        assert [t for o in outs for t in o.token_ids] == [t for o in plain for t in o.token_ids]
     finally:
         await _stopped(engine)
