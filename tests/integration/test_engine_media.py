@@ -11,11 +11,14 @@ are clear and leave the engine serving.
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytest_asyncio
+from PIL import Image
 
 from llamabox.engine import Engine
 from llamabox.types import (
@@ -324,5 +327,39 @@ async def test_speculation_is_off_for_media_requests(
         plain, _ = await collect(media_engine, req(media_engine))
         assert last.usage is not None and last.usage.drafted_tokens == 0
         assert [t for o in outs for t in o.token_ids] == [t for o in plain for t in o.token_ids]
+    finally:
+        await _stopped(engine)
+
+
+async def test_visual_max_image_size_scales_down_first(
+    media_engine: Engine, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """--visual-max-image-size 50 turns a 200x100 image into 50x25 (box filter: the mean of
+    each 4x4 block) before the projector: the model sees what it sees given that 50x25 image."""
+    big = make_test_png(None, 200, 100, seed=7)
+    pixels = np.asarray(Image.open(io.BytesIO(big)).convert("RGB"), dtype=np.uint32)
+    blocks = pixels.reshape(25, 4, 50, 4, 3).sum(axis=(1, 3))
+    small = np.asarray((blocks + 8) // 16, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small, "RGB").save(buf, format="PNG")
+
+    proj = make_tiny_mmproj(tmp_path / "mlp.gguf")
+    engine = await _started(
+        EngineConfig(
+            model=str(tiny_model_path),
+            mmproj=str(proj),
+            n_parallel=1,
+            n_ctx=512,
+            n_threads=2,
+            visual_max_image_size=50,
+        )
+    )
+    try:
+        prompt = "Look: <image>. What is it?"
+        scaled = await _first_logprobs(engine, _request(engine, prompt, big))
+        given = await _first_logprobs(media_engine, _request(media_engine, prompt, buf.getvalue()))
+        full = await _first_logprobs(media_engine, _request(media_engine, prompt, big))
+        assert not _differ(scaled, given, tol=1e-4)
+        assert _differ(scaled, full, tol=1e-4)
     finally:
         await _stopped(engine)
