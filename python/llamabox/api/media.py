@@ -158,8 +158,8 @@ def _check(state: AppState, data: bytes, param: str) -> str:
         raise InvalidRequestError(f"{param} is not a file this model can read: send {takes}", param)
     if sniffed.format == "webp" and not _HAVE_PILLOW:
         raise InvalidRequestError(
-            f"{param} is WebP, which libmtmd does not decode (pip install pillow lets this server "
-            f"convert it): send {takes}",
+            f"{param} is WebP, which libmtmd does not decode (pip install 'llamabox[media]' lets "
+            f"this server convert it): send {takes}",
             param=param,
         )
     if sniffed.kind == "audio" and not info.audio:
