@@ -557,3 +557,24 @@ def test_input_audio_through_the_sdk(tiny_model_path: Path, tmp_path: Path) -> N
         assert "audio" in models[0]["capabilities"] and "vision" not in models[0]["capabilities"]
         error = _bad(server, [{"type": "image_url", "image_url": {"url": data_url(IMAGE_A)}}])
         assert "image" in str(error["message"]) and error["param"] == "messages[1].content[0]"
+
+
+def test_n_choices_with_an_image(media_server: ServerProcess) -> None:
+    r = media_server.openai().chat.completions.create(
+        model="tiny-vision",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(IMAGE_B)}},
+                    {"type": "text", "text": "Two takes"},
+                ],
+            }
+        ],
+        max_tokens=4,
+        n=3,
+        temperature=1.0,
+        seed=5,
+    )
+    assert len(r.choices) == 3 and r.usage and r.usage.prompt_tokens > 16
+    _idle(media_server)
