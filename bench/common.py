@@ -198,3 +198,46 @@ def pair_args(ap: argparse.ArgumentParser, threads: int) -> argparse.Namespace:
 def bench_pair(url: str, args: argparse.Namespace) -> dict[str, Any]:
     """:func:`llamabox_bench` with :func:`pair_args`' settings."""
     return llamabox_bench(url, args.concurrency, args.requests, args.max_tokens)
+
+
+# A streaming client in a process of its own (so that the heavy client's work does not delay
+# it): POSTs argv[3] (JSON) to argv[1] + argv[2] with streaming on, prints "started" at its
+# first text chunk, then on SIGTERM (or after argv[4] seconds) stops reading and prints the
+# arrival time (time.monotonic) of every text chunk as JSON. A chunk's text is llama.cpp's
+# `content` or OpenAI's `choices[0].text`.
+_STREAMER = """
+import json, signal, sys, time, httpx
+url, path, body, seconds = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+times = []
+with httpx.stream("POST", url + path, json=body, timeout=300) as r:
+    for line in r.iter_lines():
+        if line.startswith("data: {"):
+            d = json.loads(line[6:])
+            if d.get("content") or (d.get("choices") or [{}])[0].get("text"):
+                times.append(time.monotonic())
+                if len(times) == 1:
+                    print("started", flush=True)
+        if stop or (times and times[-1] - times[0] > seconds):
+            break
+print(json.dumps(times), flush=True)
+"""
+
+
+class Streamer:
+    """A text stream from another process; :meth:`stop` returns its chunks' arrival times."""
+
+    def __init__(self, url: str, path: str, body: dict[str, Any], seconds: float = 300) -> None:
+        args = [sys.executable, "-c", _STREAMER, url, path, json.dumps(body), str(seconds)]
+        self._proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        if self._proc.stdout.readline().strip() != "started":
+            self._proc.kill()
+            raise RuntimeError("the streaming client did not start")
+
+    def stop(self) -> list[float]:
+        self._proc.terminate()
+        out, _ = self._proc.communicate(timeout=60)
+        times: list[float] = json.loads(out.splitlines()[-1])
+        return times

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import WORDS, build_llama_tools, log, median, model_path  # noqa: E402
+from common import WORDS, Streamer, build_llama_tools, log, median, model_path  # noqa: E402
 from servers import SERVERS, free_port, pair_commands, start_both, stop_server  # noqa: E402
 
 SCHEMA = {
@@ -36,29 +35,6 @@ SCHEMA = {
     "properties": {f"field_{i}": {"type": "string"} for i in range(500)},
     "required": [f"field_{i}" for i in range(500)],
 }
-
-# The streaming client: prints "started" at its first text chunk, then on SIGTERM (or after
-# `seconds`) stops reading and prints the arrival time (time.monotonic) of every text chunk.
-STREAMER = """
-import json, signal, sys, time, httpx
-url, seconds = sys.argv[1], float(sys.argv[2])
-body = {"prompt": "Once upon a time", "max_tokens": 100000, "temperature": 0,
-        "ignore_eos": True, "stream": True}
-stop = []
-signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-times = []
-with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
-    for line in r.iter_lines():
-        if line.startswith("data: {"):
-            choices = json.loads(line[6:]).get("choices") or [{}]
-            if choices[0].get("text"):
-                times.append(time.monotonic())
-                if len(times) == 1:
-                    print("started", flush=True)
-        if stop or (times and times[-1] - times[0] > seconds):
-            break
-print(json.dumps(times), flush=True)
-"""
 
 
 def heavy_bodies(words: int) -> list[tuple[str, str, bytes]]:
@@ -76,12 +52,14 @@ def heavy_bodies(words: int) -> list[tuple[str, str, bytes]]:
 
 
 def one_run(url: str, bodies: list[tuple[str, str, bytes]]) -> dict[str, object]:
-    streamer = subprocess.Popen(
-        [sys.executable, "-c", STREAMER, url, "120"], stdout=subprocess.PIPE, text=True
-    )
-    assert streamer.stdout is not None
-    if streamer.stdout.readline().strip() != "started":
-        raise RuntimeError("the streaming client did not start")
+    stream_body = {
+        "prompt": "Once upon a time",
+        "max_tokens": 100000,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    streamer = Streamer(url, "/v1/completions", stream_body, 120)
     time.sleep(2.0)  # the stream's own pace first
     t_heavy = time.monotonic()
     statuses = {}
@@ -92,9 +70,7 @@ def one_run(url: str, bodies: list[tuple[str, str, bytes]]) -> dict[str, object]
             statuses[what] = (r.status_code, round(time.monotonic() - t0, 3))
     t_done = time.monotonic()
     time.sleep(0.5)
-    streamer.terminate()
-    out, _ = streamer.communicate(timeout=60)
-    times: list[float] = json.loads(out.splitlines()[-1])
+    times = streamer.stop()
     gaps = [(b - a, b) for a, b in zip(times, times[1:], strict=False)]
     before = [g for g, t in gaps if t < t_heavy]
     during = [g for g, t in gaps if t_heavy <= t <= t_done]

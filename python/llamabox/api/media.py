@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from llamabox.api.media_sniff import sniff_media
-from llamabox.api.protocol import AudioPart, ChatMessage, ImagePart, part_param
+from llamabox.api.protocol import AudioPart, ChatMessage, ImagePart, MultimodalPrompt, part_param
 from llamabox.api.remote_media import MediaFetchError, RemoteMediaPolicy, fetch_media
 from llamabox.api.state import AppState
 from llamabox.types import InvalidRequestError, MediaInput
@@ -218,3 +218,23 @@ async def multimodal_prompt(
         )
     media = await load_media(state, base64_refs(files, param))
     return text, media
+
+
+async def completion_media(
+    state: AppState, prompt: object, files: list[str] | None
+) -> tuple[str, list[MediaInput]] | None:
+    """A completion request's multimodal prompt (llama.cpp's ``{prompt_string,
+    multimodal_data}`` object, or a text prompt beside ``multimodal_data``) as the engine's
+    prompt and its files; None when the request has no files."""
+    if isinstance(prompt, MultimodalPrompt):
+        if files is not None:
+            raise InvalidRequestError(
+                "give multimodal_data in the prompt object or beside it, not both",
+                param="multimodal_data",
+            )
+        files, prompt = prompt.multimodal_data, prompt.prompt_string
+    if not files:
+        return None
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("multimodal_data needs one text prompt", param="prompt")
+    return await multimodal_prompt(state, prompt, files)

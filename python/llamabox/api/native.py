@@ -16,7 +16,7 @@ from llamabox import _core
 from llamabox.api import sse
 from llamabox.api.errors import APIError
 from llamabox.api.http import Request, Response, Route, StreamResponse, json_response
-from llamabox.api.media import LLAMA_CPP_MARKER, multimodal_prompt
+from llamabox.api.media import LLAMA_CPP_MARKER, completion_media
 from llamabox.api.protocol import (
     ApplyTemplateRequest,
     ApplyTemplateResponse,
@@ -207,21 +207,12 @@ async def _prompt(state: AppState, prompt: str | list[str | int]) -> Prompt:
 async def completion(req: Request, state: AppState) -> Response | StreamResponse:
     body = req.decode(_completion_request)
     state = await state.use_model(body.model)
-    prompt, files = body.prompt, body.multimodal_data
-    if isinstance(prompt, MultimodalPrompt):
-        if files is not None:
-            raise InvalidRequestError(
-                "give multimodal_data in the prompt object or beside it, not both",
-                param="multimodal_data",
-            )
-        files = prompt.multimodal_data
-        prompt = prompt.prompt_string
-    if files:
-        if not isinstance(prompt, str):
-            raise InvalidRequestError("multimodal_data needs a text prompt", param="prompt")
-        text, media = await multimodal_prompt(state, prompt, files)
-        return await _generate(req, state, body, text, media)
-    return await _generate(req, state, body, await _prompt(state, prompt))
+    with_media = await completion_media(state, body.prompt, body.multimodal_data)
+    if with_media is not None:
+        return await _generate(req, state, body, *with_media)
+    if isinstance(body.prompt, MultimodalPrompt):  # its files were empty
+        return await _generate(req, state, body, body.prompt.prompt_string)
+    return await _generate(req, state, body, await _prompt(state, body.prompt))
 
 
 async def infill(req: Request, state: AppState) -> Response | StreamResponse:

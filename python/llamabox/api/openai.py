@@ -13,7 +13,7 @@ import numpy as np
 from llamabox.api import sse
 from llamabox.api.chat_setup import AnswerReader, start_chat
 from llamabox.api.http import Request, Response, Route, StreamResponse, json_response, new_id
-from llamabox.api.media import multimodal_prompt
+from llamabox.api.media import completion_media
 from llamabox.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -210,23 +210,11 @@ async def _completion_media(
 ) -> tuple[list[Prompt], list[MediaInput]] | None:
     """A multimodal prompt (llama.cpp's object, or a text prompt beside multimodal_data) as
     its text and files; None for a text or token prompt without files."""
-    prompt, files = body.prompt, body.multimodal_data
-    if isinstance(prompt, MultimodalPrompt):
-        if files is not None:
-            raise InvalidRequestError(
-                "give multimodal_data in the prompt object or beside it, not both",
-                param="multimodal_data",
-            )
-        files = prompt.multimodal_data
-        prompt = prompt.prompt_string
-    if not files:
-        return None
-    if not isinstance(prompt, str):
-        raise InvalidRequestError("multimodal_data needs one text prompt", param="prompt")
-    if body.suffix is not None:
+    multimodal = isinstance(body.prompt, MultimodalPrompt) or bool(body.multimodal_data)
+    if multimodal and body.suffix is not None:
         raise InvalidRequestError("multimodal_data cannot be combined with suffix", param="suffix")
-    text, media = await multimodal_prompt(state, prompt, files)
-    return [text], media
+    with_media = await completion_media(state, body.prompt, body.multimodal_data)
+    return None if with_media is None else ([with_media[0]], with_media[1])
 
 
 async def _completion_prompts(state: AppState, body: CompletionRequest) -> list[Prompt]:
