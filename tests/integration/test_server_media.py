@@ -14,6 +14,7 @@ import http.server
 import re
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -576,3 +577,33 @@ def test_every_image_format(media_server: ServerProcess, fmt: str, mime: str) ->
         max_tokens=1,
     )
     assert r.usage and r.usage.prompt_tokens > 16
+
+
+def test_disconnect_during_an_image_request_frees_the_slot(media_server: ServerProcess) -> None:
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(IMAGE_A)}},
+                    {"type": "text", "text": "Go on and on"},
+                ],
+            }
+        ],
+        "max_tokens": 2000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{media_server.base_url}/v1/chat/completions", json=body, timeout=30
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then hang up
+    for _ in range(100):
+        slots = httpx.get(f"{media_server.base_url}/slots", timeout=10).json()
+        if not any(s["is_processing"] for s in slots):
+            break
+        time.sleep(0.05)
+    _idle(media_server)
+    assert _chat_top(media_server.openai(), IMAGE_A)  # and the same image serves again
