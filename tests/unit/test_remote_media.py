@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -138,3 +139,10 @@ def test_bad_urls() -> None:
     assert "credentials" in refused("http://user:pw@example.com/x.png")
     assert "host" in refused("http:///x.png")
     assert "resolved" in refused("http://no-such-host.invalid/x.png")
+
+
+def test_nothing_listening() -> None:
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert "cannot connect" in refused(f"http://127.0.0.1:{port}/x.png")

@@ -64,8 +64,8 @@ def _public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-async def _resolve(host: str, port: int, policy: RemoteMediaPolicy) -> str:
-    """The address to connect to; every address the name has must be allowed."""
+async def _resolve(host: str, port: int, policy: RemoteMediaPolicy) -> list[str]:
+    """The addresses to connect to, in the resolver's order; every one must be allowed."""
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -82,7 +82,7 @@ async def _resolve(host: str, port: int, policy: RemoteMediaPolicy) -> str:
                     f"the URL's host resolves to a private or local network address ({ip}); "
                     "start the server with --allow-remote-media-private to allow it"
                 )
-    return addresses[0]
+    return list(dict.fromkeys(addresses))
 
 
 async def _get(url: str, policy: RemoteMediaPolicy) -> tuple[int, str | None, bytes]:
@@ -100,14 +100,9 @@ async def _get(url: str, policy: RemoteMediaPolicy) -> tuple[int, str | None, by
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise MediaFetchError("the URL's port is not a number") from None
-    address = await _resolve(host, port, policy)
+    addresses = await _resolve(host, port, policy)
     tls = ssl.create_default_context() if parts.scheme == "https" else None
-    try:
-        reader, writer = await asyncio.open_connection(
-            address, port, ssl=tls, server_hostname=host if tls else None
-        )
-    except (OSError, ssl.SSLError) as e:
-        raise MediaFetchError(f"cannot connect to {host}:{port} ({e.__class__.__name__})") from None
+    reader, writer = await _connect(addresses, port, tls, host)
     try:
         target = parts.path or "/"
         if parts.query:
@@ -136,6 +131,21 @@ async def _get(url: str, policy: RemoteMediaPolicy) -> tuple[int, str | None, by
             await writer.wait_closed()
         except (OSError, ssl.SSLError):
             pass
+
+
+async def _connect(
+    addresses: list[str], port: int, tls: ssl.SSLContext | None, host: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the first of the checked addresses that answers."""
+    error: BaseException | None = None
+    for address in addresses:
+        try:
+            return await asyncio.open_connection(
+                address, port, ssl=tls, server_hostname=host if tls else None
+            )
+        except (OSError, ssl.SSLError) as e:
+            error = e
+    raise MediaFetchError(f"cannot connect to {host}:{port} ({error.__class__.__name__})")
 
 
 async def _head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
