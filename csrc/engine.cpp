@@ -356,6 +356,11 @@ void engine::run_slot_op(const slot_op & op, job_result & r) {
     char buf[160];
     switch (op.action) {
         case slot_action::save: {
+            if (!s.spans.empty()) {
+                // The file keeps tokens and KV, not where the positions skip.
+                throw invalid_request("slot " + std::to_string(s.id) +
+                                      " holds an image with M-RoPE positions, which a slot file cannot record");
+            }
             const size_t n = llama_state_seq_save_file(ctx_.get(), op.path.c_str(), s.id, s.cache.data(), s.cache.size());
             if (n == 0) throw invalid_request("cannot save slot " + std::to_string(s.id) + " to " + op.path);
             std::snprintf(buf, sizeof buf, "{\"n_saved\": %zu, \"n_written\": %zu, \"ms\": %.3f}", s.cache.size(), n, ms());
@@ -393,19 +398,22 @@ void engine::run_slot_op(const slot_op & op, job_result & r) {
     r.text = buf;
 }
 
-bool engine::forget_from(slot & s, llama_pos from) {
-    if (spec_ && s.n_draft_synced > std::max<llama_pos>(from, 0)) {
-        s.n_draft_synced = spec_->forget_from(s.id, std::max<llama_pos>(from, 0)) ? std::max<llama_pos>(from, 0) : 0;
+bool engine::forget_from(slot & s, size_t n) {
+    n = std::min(s.keep_point(n), s.cache.size());
+    if (spec_ && s.n_draft_synced > (int32_t) n) {  // the draft model's KV: text only, positions = indices
+        s.n_draft_synced = spec_->forget_from(s.id, (llama_pos) n) ? (int32_t) n : 0;
     }
     llama_memory_t mem = llama_get_memory(ctx_.get());
-    if (llama_memory_seq_rm(mem, s.id, from, -1)) {
-        if ((size_t) from < s.cache.size()) s.cache.resize((size_t) std::max<llama_pos>(from, 0));
+    if (llama_memory_seq_rm(mem, s.id, s.pos_at(n), -1)) {
+        s.cache.resize(n);
+        while (!s.spans.empty() && s.spans.back().begin >= n) s.spans.pop_back();
         return true;
     }
     // The memory cannot drop just the tail (a recurrent or sliding-window cache that lost the
     // positions): drop the whole sequence, so the bookkeeping never claims KV that is not there.
     llama_memory_seq_rm(mem, s.id, -1, -1);
     s.cache.clear();
+    s.spans.clear();
     return false;
 }
 
@@ -430,11 +438,13 @@ void engine::assign_slots() {
         // everything the next token attends to is still there.
         if (n_keep > 0 && info_.n_swa > 0) {
             const llama_pos pos_min = llama_memory_seq_pos_min(mem, s.id);
-            if (pos_min > std::max<llama_pos>(0, (llama_pos) n_keep - info_.n_swa)) n_keep = 0;
+            if (pos_min > std::max<llama_pos>(0, s.pos_at(n_keep) - info_.n_swa)) n_keep = 0;
         }
-        // A non-causal media input's rows attend to each other: a part of one is no prefix.
+        // A non-causal media input's rows attend to each other: a part of one is no prefix (nor
+        // of an M-RoPE image, whose rows the KV can drop only whole: forget_from).
         if (const media_chunk * c = t->media_at(n_keep); c != nullptr && c->non_causal) n_keep = c->pos;
-        if (!forget_from(s, (llama_pos) n_keep)) n_keep = 0;
+        forget_from(s, n_keep);
+        n_keep = s.cache.size();  // less where a span was cut, none if the memory dropped all
         s.cache_lora = t->lora;
         t->n_cached = (int32_t) n_keep;
         {
@@ -497,6 +507,7 @@ void engine::run_embeddings() {
 void engine::fail_slot(slot & s, const std::string & error) {
     llama_memory_seq_rm(llama_get_memory(ctx_.get()), s.id, -1, -1);  // a whole sequence always goes
     s.cache.clear();
+    s.spans.clear();
     if (spec_) spec_->forget_from(s.id, 0);
     s.n_draft_synced = 0;
     if (!s.is_idle()) finish(s, FINISH_REASON_ERROR, error);

@@ -181,7 +181,8 @@ private:
     finish_reason emit_token(slot & s, llama_token tok, int32_t i_out);
     void finish(slot & s, finish_reason reason, const std::string & error = {});
     void fail_slot(slot & s, const std::string & error);  // drops its KV too
-    bool forget_from(slot & s, llama_pos from);  // KV and cache from `from` on; false: all dropped
+    // KV and cache from index n on (from the start of a span n falls inside); false: all dropped
+    bool forget_from(slot & s, size_t n);
     bool evict_idle_cache();  // drops the least recently used idle slot's cached prefix
     void flush_events();
     void notify_locked();  // under mtx_out_: one byte on the pipe unless one is pending

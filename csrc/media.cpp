@@ -90,18 +90,38 @@ media_projector::media_projector(const media_params & params, const model & m, i
                              (capture.errors().empty() ? std::string() : ": " + capture.errors()));
         }
     }
-    if (mtmd_decode_use_mrope(ctx_.get())) {
-        // Its rows take 2-D positions that advance the sequence by less than their count; the
-        // slot's cache keeps one position per token, so these are not served (yet).
-        throw load_error("the projector " + params.path +
-                         " needs M-RoPE positions (Qwen2-VL and similar), which llamabox does not support yet");
-    }
+    mrope_  = mtmd_decode_use_mrope(ctx_.get());
     vision_ = mtmd_support_vision(ctx_.get());
     audio_  = mtmd_support_audio(ctx_.get());
     n_embd_ = llama_model_n_embd_inp(m.get());
 }
 
 media_projector::~media_projector() = default;
+
+void media_projector::mrope_positions(const mtmd_input_chunk * c, media_chunk & mc) const {
+    auto pos = std::make_shared<std::vector<llama_pos>>((size_t) mc.n_tokens * 4);
+    const mtmd_image_tokens * img = mtmd_input_chunk_get_tokens_image(c);
+    if (img == nullptr) {  // audio: one position per row, the same in every component
+        for (int32_t i = 0; i < mc.n_tokens; ++i) std::fill_n(pos->begin() + (size_t) i * 4, 4, (llama_pos) i);
+        mc.mrope_shift = 0xF;
+    } else {
+        // libmtmd's own positions (what mtmd_helper_decode_image_chunk decodes with), for the
+        // input at 0 and at 1: a component that differs moves with the input's place.
+        uint8_t shift = 0;
+        for (int32_t i = 0; i < mc.n_tokens; ++i) {
+            const mtmd_decoder_pos p0 = mtmd_image_tokens_get_decoder_pos(img, 0, (size_t) i);
+            const mtmd_decoder_pos p1 = mtmd_image_tokens_get_decoder_pos(img, 1, (size_t) i);
+            // the batch's section order: t, y, x, z (libmtmd's set_position_mrope_2d)
+            const uint32_t c0[4] = {p0.t, p0.y, p0.x, p0.z}, c1[4] = {p1.t, p1.y, p1.x, p1.z};
+            for (int j = 0; j < 4; ++j) {
+                (*pos)[(size_t) i * 4 + j] = (llama_pos) c0[j];
+                if (c1[j] != c0[j]) shift |= (uint8_t) (1u << j);
+            }
+        }
+        mc.mrope_shift = shift;
+    }
+    mc.mrope = std::move(pos);
+}
 
 media_stats media_projector::stats() const {
     std::lock_guard<std::mutex> lk(mtx_cache_);
@@ -218,7 +238,9 @@ std::vector<llama_token> media_projector::tokenize(const std::string & text, con
         media_chunk mc;
         mc.pos        = tokens.size();
         mc.n_tokens   = (int32_t) mtmd_input_chunk_get_n_tokens(c);
+        mc.n_pos      = (int32_t) mtmd_input_chunk_get_n_pos(c);
         mc.non_causal = mtmd_decode_use_non_causal(ctx_.get(), c);
+        if (mrope_) mrope_positions(c, mc);
         const char * id = mtmd_input_chunk_get_id(c);
         mc.id = id != nullptr ? id : "";
         if (mc.id.empty()) throw std::runtime_error("a media chunk has no id");

@@ -6,6 +6,9 @@
 // context-length check work on them unchanged: the same image at the same place matches, any
 // other image does not.
 //
+// Under M-RoPE an image's rows take fewer positions than their count (media_chunk::n_pos); the
+// slot keeps the difference (slot::spans), so its cache indices still count KV cells.
+//
 // Thread safety: tokenize() from any thread (decoding and resizing run in parallel; encoding is
 // serialized, libmtmd's context computes one graph at a time); stats() from any thread.
 #pragma once
@@ -58,6 +61,8 @@ public:
 
     bool vision() const { return vision_; }
     bool audio() const { return audio_; }
+    // The text model takes M-RoPE positions (four components per embedding row; media_chunk).
+    bool mrope() const { return mrope_; }
     // What marks each media input's place in a prompt text: random per process, so that no
     // text a user writes can stand for one.
     const std::string & marker() const { return marker_; }
@@ -73,6 +78,7 @@ public:
 
 private:
     std::shared_ptr<const std::vector<float>> embed(const mtmd_input_chunk * chunk, const std::string & id) const;
+    void mrope_positions(const mtmd_input_chunk * chunk, media_chunk & mc) const;
 
     struct ctx_deleter { void operator()(mtmd_context * c) const; };
     std::unique_ptr<mtmd_context, ctx_deleter> ctx_;
@@ -80,6 +86,7 @@ private:
     int32_t      n_embd_ = 0;
     bool         vision_ = false;
     bool         audio_  = false;
+    bool         mrope_  = false;
     std::string  marker_;
 
     // The projected cache: embeddings by content hash, least recently used first out.

@@ -57,12 +57,20 @@ enum request_kind : int32_t {
 
 // One media input (an image, an audio clip) in a prepared prompt (media.h): its embedding rows
 // take the places of prompt tokens [pos, pos + n_tokens), which hold its placeholders.
+// Under M-RoPE (Qwen2-VL and its kin) an image's rows take 2-D positions: n_tokens rows advance
+// the sequence by n_pos = max(nx, ny) positions, and each row has four position components.
 struct media_chunk {
     size_t      pos        = 0;
     int32_t     n_tokens   = 0;
+    int32_t     n_pos      = 0;      // positions its rows take: n_tokens, but for M-RoPE images
     bool        non_causal = false;  // its rows attend to each other both ways (Gemma 3): one decode
     std::string id;                  // content hash
     std::shared_ptr<const std::vector<float>> embd;  // n_tokens rows of the model's input width
+    // M-RoPE: the four components of each row's position with the input at position 0,
+    // row-major (4 * n_tokens); bit j of mrope_shift: component j moves with the input's first
+    // position (the others are absolute). Empty without M-RoPE.
+    std::shared_ptr<const std::vector<llama_pos>> mrope;
+    uint8_t     mrope_shift = 0;
 };
 
 // The defaults here are llamabox's defaults: Python's SamplingParams and the CLI read them.

@@ -85,12 +85,20 @@ struct task {
     }
 };
 
+// A media input in a slot's cache whose rows take fewer positions than their count (an M-RoPE
+// image: n_tokens rows at n_pos positions, all sharing the first in the KV's main component).
+struct pos_span {
+    size_t  begin    = 0;  // its first row's cache index
+    int32_t n_tokens = 0;
+    int32_t n_pos    = 0;
+};
+
 struct slot {
     int32_t                  id = 0;
-    // Tokens whose KV is in sequence `id`, position i holding cache[i]. Positions equal indices
-    // for text; the explicit `pos_next()` is what the step uses, so that a chunk taking other
-    // positions (an image, M-RoPE) changes this struct, not the step.
+    // Tokens whose KV is in sequence `id`: one KV cell each, in order. Index i is at position i
+    // but past the spans before it (pos_at); the step asks pos_next(), never the size.
     std::vector<llama_token> cache;
+    std::vector<pos_span>    spans;  // in cache order; empty without M-RoPE media
     int32_t                  n_draft_synced = 0;  // of `cache`, how many the draft model's KV holds
     uint64_t                 t_last_used = 0;
     std::vector<float>       cache_lora;  // the adapter scales `cache`'s KV was computed under
@@ -100,7 +108,26 @@ struct slot {
     int32_t                  i_out   = -1;  // batch index of its first output, -1 if none
 
     bool      is_idle() const { return t == nullptr; }
-    llama_pos pos_next() const { return (llama_pos) cache.size(); }
+    // The position of cache index i. An index inside a span gives the span's first position:
+    // the KV can drop a span only whole (keep_point).
+    llama_pos pos_at(size_t i) const {
+        llama_pos shift = 0;
+        for (const auto & sp : spans) {
+            if (i <= sp.begin) break;
+            if (i < sp.begin + (size_t) sp.n_tokens) return (llama_pos) sp.begin - shift;
+            shift += sp.n_tokens - sp.n_pos;
+        }
+        return (llama_pos) i - shift;
+    }
+    // The longest cache prefix of at most n tokens that the KV can keep: n, or the start of the
+    // span n falls inside.
+    size_t keep_point(size_t n) const {
+        for (const auto & sp : spans) {
+            if (n > sp.begin && n < sp.begin + (size_t) sp.n_tokens) return sp.begin;
+        }
+        return n;
+    }
+    llama_pos pos_next() const { return pos_at(cache.size()); }
 };
 
 }  // namespace llamabox

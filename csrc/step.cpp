@@ -264,8 +264,9 @@ engine::decode_result engine::decode_step(int32_t n_prefill_max, bool with_draft
             }
         } else {
             res.n_prefill += e.n_tokens;
+            const size_t from = s.cache.size();
             for (int32_t i = 0; i < e.n_tokens; ++i) {
-                batch_add(batch_, t.req.prompt[(size_t) pos + i], pos + i, s.id, false);
+                batch_add(batch_, t.req.prompt[from + (size_t) i], pos + i, s.id, false);
             }
         }
     }
@@ -299,7 +300,7 @@ engine::decode_result engine::decode_step(int32_t n_prefill_max, bool with_draft
                  batch_.n_tokens, res.n_prefill);
     for (const auto & e : plan) {
         slot & s = *slots_[e.id_slot];
-        if (!forget_from(s, s.pos_next())) fail_slot(s, "the KV cache could not be rolled back");
+        if (!forget_from(s, s.cache.size())) fail_slot(s, "the KV cache could not be rolled back");
     }
     return res;
 }
@@ -414,19 +415,29 @@ void engine::run_media() {
         fail_slot(s, "the media input's embeddings are short of its rows");
         return;
     }
-    struct batch_guard {
-        llama_batch b;
-        ~batch_guard() { llama_batch_free(b); }
-    } g{llama_batch_init(n, n_embd, 1)};
-    llama_batch & b = g.b;
-    std::copy_n(mc->embd->data() + (size_t) from * n_embd, (size_t) n * n_embd, b.embd);
-    const llama_pos pos0 = s.pos_next();
-    for (int32_t i = 0; i < n; ++i) {
-        b.pos[i]       = pos0 + i;
-        b.n_seq_id[i]  = 1;
-        b.seq_id[i][0] = s.id;
-        b.logits[i]    = false;
+    const llama_pos pos0 = s.pos_at(mc->pos);  // the input's first position
+    const int32_t n_pos_row = mc->mrope ? 4 : 1;  // M-RoPE: four components per row, section-major
+    std::vector<llama_pos> pos((size_t) n * n_pos_row);
+    if (mc->mrope) {
+        for (int32_t i = 0; i < n; ++i) {
+            for (int32_t j = 0; j < 4; ++j) {
+                const llama_pos p = (*mc->mrope)[(size_t) (from + i) * 4 + j];
+                pos[(size_t) j * n + i] = (mc->mrope_shift >> j & 1) ? pos0 + p : p;
+            }
+        }
+    } else {
+        for (int32_t i = 0; i < n; ++i) pos[(size_t) i] = pos0 + from + i;
     }
+    std::vector<int32_t> n_seq_id((size_t) n, 1);
+    llama_seq_id seq = s.id;
+    std::vector<llama_seq_id *> seq_ids((size_t) n, &seq);
+    std::vector<int8_t> logits((size_t) n, 0);
+    llama_batch b = {};
+    b.embd     = const_cast<float *>(mc->embd->data() + (size_t) from * n_embd);  // read only
+    b.pos      = pos.data();
+    b.n_seq_id = n_seq_id.data();
+    b.seq_id   = seq_ids.data();
+    b.logits   = logits.data();
     b.n_tokens = n;
     if (!loras_.empty() && !apply_lora(step_lora_)) {
         fail_slot(s, "the LoRA adapters could not be applied");
@@ -452,6 +463,7 @@ void engine::run_media() {
         return;
     }
     s.t_last_step = clock_;
+    if (from == 0 && mc->n_pos != mc->n_tokens) s.spans.push_back({mc->pos, mc->n_tokens, mc->n_pos});
     const auto first = t.req.prompt.begin() + (std::ptrdiff_t) s.cache.size();
     s.cache.insert(s.cache.end(), first, first + n);
     if (s.cache.size() == t.n_prefill()) prefill_done(s);
@@ -496,7 +508,7 @@ void engine::prefill_done(slot & s) {
 void engine::verify(slot & s) {
     task & t = *s.t;
     const int32_t k = (int32_t) t.spec.draft.size();
-    const llama_pos pos0 = s.pos_next();
+    const int32_t n0 = (int32_t) s.cache.size();  // cache index of next_token
     s.cache.push_back(t.next_token);
 
     int32_t n_accepted = 0;
@@ -544,12 +556,12 @@ void engine::verify(slot & s) {
     t.spec.n_real = 0;
     if (t.spec.n_tail > 0) {
         // The draft model's KV keeps what the target accepted of what it decoded itself.
-        s.n_draft_synced = (int32_t) pos0 + std::min(n_accepted + 1, t.spec.n_tail);
+        s.n_draft_synced = n0 + std::min(n_accepted + 1, t.spec.n_tail);
         if (!spec_->forget_from(s.id, s.n_draft_synced)) s.n_draft_synced = 0;
         t.spec.n_tail = 0;
     }
     t.spec.draft.clear();
-    if ((int32_t) s.cache.size() < (int32_t) pos0 + 1 + k && !forget_from(s, s.pos_next())) {
+    if ((int32_t) s.cache.size() < n0 + 1 + k && !forget_from(s, s.cache.size())) {
         // The rejected tokens could not leave the KV cache: it was dropped whole.
         if (reason == FINISH_REASON_NONE) {
             reason = FINISH_REASON_ERROR;

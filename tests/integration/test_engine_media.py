@@ -31,6 +31,7 @@ from llamabox.types import (
     SpeculativeConfig,
 )
 from tests.conftest import _started, _stopped
+from tests.fixtures import make_tiny_llama
 from tests.fixtures.tiny_mmproj import (
     make_test_png,
     make_test_wav,
@@ -363,3 +364,136 @@ async def test_visual_max_image_size_scales_down_first(
         assert _differ(scaled, full, tol=1e-4)
     finally:
         await _stopped(engine)
+
+
+# ---- M-RoPE (Qwen2-VL): an image's rows take fewer positions than their count ----
+# The positions themselves are checked against libmtmd's own decode in test_mmproj_fixture.py;
+# here, what the slot's bookkeeping (slot::spans) must keep right around them.
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def mrope_engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Engine]:
+    """A tiny qwen2vl text model with a tiny qwen2vl_merger projector: a 64 x 48 image is 48
+    tokens at 8 positions. 3 slots; 16-row pieces, so that images are decoded in several steps."""
+    d = tmp_path_factory.mktemp("mrope")
+    model = make_tiny_llama(d / "tiny-qwen2vl.gguf", arch="qwen2vl")
+    proj = make_tiny_mmproj(d / "qwen2vl.gguf", projector="qwen2vl")
+    engine = await _started(
+        EngineConfig(
+            model=str(model),
+            mmproj=str(proj),
+            n_parallel=3,
+            n_ctx=3 * 1024,
+            n_batch=16,
+            n_ubatch=16,
+            n_threads=2,
+        )
+    )
+    yield engine
+    await _stopped(engine)
+
+
+QWEN_A = make_test_png(None, 64, 48, seed=1)
+QWEN_B = make_test_png(None, 64, 48, seed=2)
+
+
+async def test_mrope_images_and_text_share_steps(mrope_engine: Engine) -> None:
+    """Image requests (one or two images, long continuations past the image's positions) and
+    text requests at once: all finish, and each image request's first token is what it is alone."""
+    alone = await _first_logprobs(mrope_engine, _request(mrope_engine, "Look <image> then", QWEN_A))
+    uncached = _request(mrope_engine, "Look <image> then", QWEN_A)
+    uncached.cache_prompt = False
+    reqs = [
+        uncached,
+        _request(mrope_engine, "<image> or <image>?", QWEN_A, QWEN_B),
+        _request(mrope_engine, "Look <image> then", QWEN_B),
+    ]
+    reqs += [_request(mrope_engine, f"plain text {i}") for i in range(3)]
+    for r in reqs:
+        r.max_tokens = 40
+    results = await asyncio.gather(*(collect(mrope_engine, r) for r in reqs))
+    assert all(last.finish_reason in ("length", "stop") for _, last in results)
+    outs, _ = results[0]
+    first = {t.token: t.logprob for t in outs[0].logprobs[0].top}  # type: ignore[index]
+    assert not _differ(first, alone, tol=2e-3)
+    two = results[1][1].usage
+    assert two is not None and two.prompt_tokens > 2 * 48
+
+
+async def test_mrope_prefix_reuse_keeps_the_image_or_drops_it_whole(mrope_engine: Engine) -> None:
+    """A cached image is reused (the text after it at its shifted positions), and a prompt that
+    diverges after it starts from the image's end, not before; a different image at the same
+    place is not reused."""
+    prompt = "A shared prefix of words. <image> and then"
+    cold = await _first_logprobs(mrope_engine, _request(mrope_engine, prompt + " more", QWEN_B))
+    _, first = await collect(mrope_engine, _request(mrope_engine, prompt, QWEN_B))
+    warm_req = _request(mrope_engine, prompt + " more", QWEN_B)
+    outs, last = await collect(mrope_engine, warm_req)
+    assert last.usage is not None and first.usage is not None
+    assert last.usage.cached_tokens >= first.usage.prompt_tokens - 1
+    warm = {t.token: t.logprob for t in outs[0].logprobs[0].top}  # type: ignore[index]
+    assert not _differ(warm, cold, tol=2e-3)
+    _, other = await collect(mrope_engine, _request(mrope_engine, prompt, QWEN_A))
+    assert other.usage is not None
+    assert 0 < other.usage.cached_tokens < other.usage.prompt_tokens - 48
+
+
+async def test_mrope_slot_cannot_be_saved_with_an_image(
+    mrope_engine: Engine, tmp_path: Path
+) -> None:
+    """A slot file records tokens and KV, not where positions skip: refused, clearly; the slot
+    saves again once its cache holds text only."""
+    await collect(mrope_engine, _request(mrope_engine, "Only <image> here", QWEN_A))
+    refused = 0
+    for s in range(3):
+        try:
+            await mrope_engine.slot_action(s, "save", str(tmp_path / f"s{s}.bin"))
+        except InvalidRequestError as e:
+            assert "M-RoPE" in str(e)
+            refused += 1
+    assert refused >= 1
+    for s in range(3):
+        await mrope_engine.slot_action(s, "erase")
+        saved = await mrope_engine.slot_action(s, "save", str(tmp_path / f"e{s}.bin"))
+        assert saved["n_saved"] == 0
+
+
+async def test_mrope_many_image_requests_back_to_back(mrope_engine: Engine) -> None:
+    images = [make_test_png(None, 64 - 8 * (i % 3), 48, seed=300 + i) for i in range(4)]
+    for i in range(20):
+        _, last = await collect(
+            mrope_engine, _request(mrope_engine, f"n{i} <image> ok", images[i % 4])
+        )
+        assert last.finish_reason == "length"
+    stats = mrope_engine.stats()
+    assert stats.n_busy == 0 and stats.n_queued == 0
+
+
+async def test_image_token_bounds_on_a_dynamic_resolution_projector(tmp_path: Path) -> None:
+    """--image-max-tokens / --image-min-tokens resize an image for a dynamic-resolution
+    projector (Qwen2-VL's): a 64 x 48 image is 48 tokens by default, at most 12 and at least
+    100 under the bounds, its aspect ratio kept."""
+    model = make_tiny_llama(tmp_path / "tiny-qwen2vl.gguf", arch="qwen2vl")
+    proj = make_tiny_mmproj(tmp_path / "qwen2vl.gguf", projector="qwen2vl")
+    counts = {}
+    for name, bounds in (
+        ("default", {}),
+        ("max", {"image_max_tokens": 12}),
+        ("min", {"image_min_tokens": 100}),
+    ):
+        engine = await _started(
+            EngineConfig(
+                model=str(model), mmproj=str(proj), n_parallel=1, n_ctx=2048, n_threads=2, **bounds
+            )  # type: ignore[arg-type]
+        )
+        try:
+            with_image = (await collect(engine, _request(engine, "Look <image> then", QWEN_A)))[1]
+            text_only = (await collect(engine, _request(engine, "Look  then")))[1]
+            assert with_image.usage is not None and text_only.usage is not None
+            counts[name] = with_image.usage.prompt_tokens - text_only.usage.prompt_tokens
+        finally:
+            await _stopped(engine)
+    framing = counts["default"] - 48  # <|vision_start|> and <|vision_end|> as text tokens
+    assert framing > 0
+    assert counts["max"] - framing <= 12
+    assert counts["min"] - framing >= 100

@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from llamabox.types import EngineConfig, GenerateRequest, MediaInput, SamplingParams
+from tests.conftest import _started, _stopped
 from tests.fixtures import REPO_ROOT, make_tiny_llama
 from tests.fixtures.tiny_mmproj import (
     make_test_image,
@@ -32,6 +34,7 @@ from tests.fixtures.tiny_mmproj import (
     make_tiny_gemma3_mmproj,
     make_tiny_mmproj,
 )
+from tests.integration.engine_helpers import collect
 
 pytestmark = pytest.mark.integration
 
@@ -198,6 +201,90 @@ def test_projector(
     assert out["n_embd"] == (64 if text_model == "llama64" else 640)
 
 
+def test_qwen2vl_projector_takes_mrope_positions(probe: Path, tmp_path: Path) -> None:
+    """Qwen2-VL's projector on a qwen2vl text model: libmtmd decodes with M-RoPE, the image
+    keeps its aspect ratio (a 64 x 48 image is an 8 x 6 grid: 48 tokens over 8 positions),
+    wrapped in <|vision_start|>/<|vision_end|> text."""
+    model = make_tiny_llama(tmp_path / "tiny-qwen2vl.gguf", arch="qwen2vl")
+    mmproj = make_tiny_mmproj(tmp_path / "mmproj-qwen2vl.gguf", projector="qwen2vl")
+    paths = [tmp_path / f"{name}.png" for name in ("a", "b", "a-again")]
+    for path, seed in zip(paths, (1, 2, 1), strict=True):
+        make_test_png(path, 64, 48, seed)
+    out = run_probe(probe, model, mmproj, PROMPT, paths)
+    assert out["vision"] is True and out["mrope"] is True and out["non_causal"] is False
+    for run in out["runs"]:
+        assert [c["type"] for c in run["chunks"]] == ["text", "image", "text"]
+        image = run["chunks"][1]
+        assert (image["n_tokens"], image["n_pos"]) == (48, 8)
+        assert image["embd_finite"] and image["embd_rms"] > 0.05
+        assert run["n_tokens"] == sum(c["n_tokens"] for c in run["chunks"])
+        assert run["n_past"] == run["n_pos"] == run["n_tokens"] - 40
+    a, b, a_again = out["runs"]
+    assert a["logits"] != b["logits"] and a["logits"] == a_again["logits"]
+
+
+async def _engine_top(
+    model: Path, mmproj: Path, prompts: list[str], image: bytes, **config: int
+) -> list[tuple[dict[int, float], int, int]]:
+    """Each prompt (``<__media__>`` marking the image) in turn on one slot of a new engine:
+    the first token's top-8 logprobs, the prompt's tokens and how many of them were cached."""
+    engine = await _started(
+        EngineConfig(
+            model=str(model), mmproj=str(mmproj), n_parallel=1, n_ctx=1024, n_threads=2, **config
+        )
+    )
+    try:
+        mark = engine.media_marker
+        assert mark is not None
+        out = []
+        for prompt in prompts:
+            req = GenerateRequest(
+                prompt=prompt.replace("<__media__>", mark),
+                media=[MediaInput(data=image, param="image")],
+                max_tokens=1,
+                sampling=SamplingParams(temperature=0.0, logprobs=True, n_probs=8),
+            )
+            outs, last = await collect(engine, req)
+            lps = [lp for o in outs for lp in o.logprobs or []]
+            assert lps and last.usage is not None
+            top = {t.token: t.logprob for t in lps[0].top}
+            out.append((top, last.usage.prompt_tokens, last.usage.cached_tokens))
+        return out
+    finally:
+        await _stopped(engine)
+
+
+def _same_top(engine: dict[int, float], ref: list[list[float]], tol: float = 2e-3) -> None:
+    want = {int(t): lp for t, lp in ref}
+    shared = engine.keys() & want.keys()
+    assert len(shared) >= 6, (engine, want)  # near-ties at the bottom may swap
+    assert all(abs(engine[t] - want[t]) < tol for t in shared), (engine, want)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_engine_takes_libmtmd_positions_under_mrope(probe: Path, tmp_path: Path) -> None:
+    """The engine decodes an M-RoPE image and the text after it at libmtmd's positions: the
+    next-token distribution equals mtmd_helper_eval_chunks', with the image decoded whole or in
+    16-row pieces, and again after a cached prefix that holds the image."""
+    model = make_tiny_llama(tmp_path / "tiny-qwen2vl.gguf", arch="qwen2vl")
+    mmproj = make_tiny_mmproj(tmp_path / "mmproj-qwen2vl.gguf", projector="qwen2vl")
+    image = tmp_path / "a.png"
+    data = make_test_png(image, 64, 48, 1)
+    prompts = [PROMPT + " It is", PROMPT + " It is", PROMPT + " Surely it was"]
+    refs = [run_probe(probe, model, mmproj, p, [image])["runs"][0] for p in prompts]
+    assert refs[0]["chunks"][1]["n_pos"] == 8 and refs[0]["chunks"][1]["n_tokens"] == 48
+    for config in ({}, {"n_batch": 16, "n_ubatch": 16}):
+        runs = await _engine_top(model, mmproj, prompts, data, **config)
+        for (top, n_prompt, _), ref in zip(runs, refs, strict=True):
+            assert n_prompt == ref["n_tokens"]
+            _same_top(top, ref["top"])
+        (_, _, cold), (_, n_prompt, again), (_, _, other) = runs
+        assert cold == 0
+        assert again == n_prompt - 1  # all but the last token, which is always decoded
+        n_shared = len(refs[0]["chunks"][0]["tokens"]) + 48
+        assert other >= n_shared  # the text before and the image
+
+
 def test_projector_width_must_match_the_text_model(
     probe: Path, models: dict[str, Path], images: list[Path], tmp_path: Path
 ) -> None:
@@ -235,10 +322,14 @@ def test_image_formats(probe: Path, models: dict[str, Path], tmp_path: Path) -> 
 
 
 def test_fixtures_are_deterministic(tmp_path: Path) -> None:
-    for make in (make_tiny_mmproj, make_tiny_gemma3_mmproj):
-        first = make(tmp_path / "1.gguf", seed=3).read_bytes()
-        assert make(tmp_path / "2.gguf", seed=3).read_bytes() == first
-        assert make(tmp_path / "3.gguf", seed=4).read_bytes() != first
+    for make, kwargs in (
+        (make_tiny_mmproj, {}),
+        (make_tiny_gemma3_mmproj, {}),
+        (make_tiny_mmproj, {"projector": "qwen2vl"}),
+    ):
+        first = make(tmp_path / "1.gguf", seed=3, **kwargs).read_bytes()
+        assert make(tmp_path / "2.gguf", seed=3, **kwargs).read_bytes() == first
+        assert make(tmp_path / "3.gguf", seed=4, **kwargs).read_bytes() != first
     assert make_test_png(None, 8, 8, 5) == make_test_png(tmp_path / "x.png", 8, 8, 5)
     assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert make_test_png(None, 8, 8, 5) != make_test_png(None, 8, 8, 6)

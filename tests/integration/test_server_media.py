@@ -607,3 +607,58 @@ def test_disconnect_during_an_image_request_frees_the_slot(media_server: ServerP
         time.sleep(0.05)
     _idle(media_server)
     assert _chat_top(media_server.openai(), IMAGE_A)  # and the same image serves again
+
+
+def test_qwen2vl_style_model_through_the_sdk(tmp_path: Path) -> None:
+    """An M-RoPE model (a tiny qwen2vl text model with a qwen2vl_merger projector): the SDK's
+    image moves the answer, a streamed answer runs on past the image's positions, the
+    capability is advertised, and --image-max-tokens bounds the image."""
+    from tests.fixtures import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "tiny-qwen2vl.gguf", arch="qwen2vl")
+    proj = make_tiny_mmproj(tmp_path / "qwen2vl.gguf", projector="qwen2vl")
+    image_a, image_b = make_test_png(None, 64, 48, seed=1), make_test_png(None, 64, 48, seed=2)
+    flags = ["-np", "2", "-c", "4096", "-a", "tiny-vl", "--mmproj", str(proj)]
+    with start_server(model, *flags, "--image-max-tokens", "12") as server:
+        client = server.openai()
+
+        def ask(*images: bytes) -> tuple[dict[str, float], int]:
+            parts: list[dict[str, object]] = [{"type": "text", "text": "What is this?"}]
+            parts += [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
+            r = client.chat.completions.create(
+                model="tiny-vl",
+                messages=[{"role": "user", "content": parts}],  # type: ignore[list-item]
+                max_tokens=1,
+                temperature=0,
+                logprobs=True,
+                top_logprobs=8,
+            )
+            assert r.usage is not None
+            return _top(r.choices[0].logprobs), r.usage.prompt_tokens
+
+        (none, n_none), (a, n_a), (b, _) = ask(), ask(image_a), ask(image_b)
+        assert _differ(a, none) and _differ(a, b)
+        assert 0 < n_a - n_none <= 12 + 16  # at most 12 image tokens, and the framing text
+        stream = client.chat.completions.create(
+            model="tiny-vl",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(image_b)}},
+                        {"type": "text", "text": "Tell me a long story about it."},
+                    ],
+                }
+            ],
+            max_tokens=64,
+            temperature=0.8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        props = httpx.get(f"{server.base_url}/props", timeout=10).json()
+        assert props["modalities"] == {"vision": True, "audio": False}
+        models = httpx.get(f"{server.base_url}/v1/models", timeout=10).json()["data"]
+        assert "vision" in models[0]["capabilities"]
+        _idle(server)
