@@ -24,6 +24,7 @@ import argparse
 import http.client
 import math
 import os
+import signal
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -516,6 +517,10 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         return 130
     if interactive:
+        # Ctrl-C is how a reply is stopped: take it even when started with SIGINT ignored (a
+        # shell's background job, nohup), where Python would leave it ignored.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             import readline  # noqa: F401 (line editing and history for input())
         except ImportError:
