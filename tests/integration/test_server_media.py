@@ -662,3 +662,63 @@ def test_qwen2vl_style_model_through_the_sdk(tmp_path: Path) -> None:
         models = httpx.get(f"{server.base_url}/v1/models", timeout=10).json()["data"]
         assert "vision" in models[0]["capabilities"]
         _idle(server)
+
+
+def test_anthropic_tool_result_with_a_screenshot(media_server: ServerProcess) -> None:
+    """A tool that returns an image (a screenshot tool, say), through the official anthropic
+    SDK: the image reaches the model inside the tool's result (its 16 tokens count in the
+    prompt), and a bad one is a 400 naming its block."""
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=media_server.base_url, api_key="none", max_retries=0)
+
+    def ask(image: bytes | str | None) -> anthropic.types.Message:
+        data = image if isinstance(image, str) else b64(image or b"")
+        shot = {
+            "type": "image",
+            "source": {"type": "base64", "media_type": "image/png", "data": data},
+        }
+        return claude.messages.create(
+            model="tiny-vision",
+            max_tokens=1,
+            tools=[
+                {
+                    "name": "screenshot",
+                    "description": "the screen",
+                    "input_schema": {"type": "object"},
+                }
+            ],
+            messages=[
+                {"role": "user", "content": "What is on my screen?"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "tool_use", "id": "t1", "name": "screenshot", "input": {}}
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "t1",
+                            "content": [
+                                {"type": "text", "text": "the screen:"},
+                                *([shot] if image is not None else []),
+                            ],
+                        }
+                    ],
+                },
+            ],
+        )
+
+    def n_input(m: anthropic.types.Message) -> int:
+        return m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
+
+    none, a, b = ask(None), ask(IMAGE_A), ask(IMAGE_B)
+    assert n_input(a) == n_input(b) >= n_input(none) + 16
+    assert b.usage.cache_read_input_tokens  # the text before the image is a cached prefix
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        ask("not base64!")
+    assert "messages[2].content[0].content[1]" in str(bad.value)
+    _idle(media_server)

@@ -63,10 +63,6 @@ _count_request = msgspec.json.Decoder(CountTokensRequest)
 _encoder = msgspec.json.Encoder()
 
 
-def _no_image(param: str) -> InvalidRequestError:
-    return InvalidRequestError("images in tool results are not served", param=param)
-
-
 def _image(block: ImageBlock, param: str) -> SourcedImagePart:
     """An image block (base64 or url source) as a chat image part."""
     source = block.source
@@ -83,15 +79,20 @@ def _image(block: ImageBlock, param: str) -> SourcedImagePart:
     )
 
 
-def _result_text(block: ToolResultBlock, param: str) -> str:
+def _result_content(block: ToolResultBlock, param: str) -> str | list[ContentPart]:
+    """A tool result's content: its text blocks joined by newlines, or, when it holds images
+    (a screenshot tool's, say), its text and image parts in order."""
     if isinstance(block.content, str):
         return block.content
-    texts = []
+    if not any(isinstance(part, ImageBlock) for part in block.content):
+        return "\n".join(part.text for part in block.content if isinstance(part, TextBlock))
+    parts: list[ContentPart] = []
     for k, part in enumerate(block.content):
         if isinstance(part, ImageBlock):
-            raise _no_image(f"{param}.content[{k}]")
-        texts.append(part.text)
-    return "\n".join(texts)
+            parts.append(_image(part, f"{param}.content[{k}]"))
+        else:
+            parts.append(TextPart(part.text))
+    return parts
 
 
 def _turn(message: InputMessage, i: int) -> list[ChatMessage]:
@@ -121,8 +122,8 @@ def _turn(message: InputMessage, i: int) -> list[ChatMessage]:
         elif isinstance(block, ToolResultBlock):
             if message.role != "user":
                 raise InvalidRequestError("tool_result blocks belong to user turns", param=param)
-            text = _result_text(block, param)
-            out.append(ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=text))
+            content = _result_content(block, param)
+            out.append(ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=content))
         elif isinstance(block, ThinkingBlock):
             reasoning.append(block.thinking)
         # redacted thinking cannot be shown to the template
