@@ -61,8 +61,6 @@ public:
 
     bool vision() const { return vision_; }
     bool audio() const { return audio_; }
-    // The text model takes M-RoPE positions (four components per embedding row; media_chunk).
-    bool mrope() const { return mrope_; }
     // What marks each media input's place in a prompt text: random per process, so that no
     // text a user writes can stand for one.
     const std::string & marker() const { return marker_; }

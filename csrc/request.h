@@ -62,7 +62,7 @@ enum request_kind : int32_t {
 struct media_chunk {
     size_t      pos        = 0;
     int32_t     n_tokens   = 0;
-    int32_t     n_pos      = 0;      // positions its rows take: n_tokens, but for M-RoPE images
+    int32_t     n_pos      = 0;      // positions its rows take: n_tokens, but max(nx, ny) for M-RoPE images
     bool        non_causal = false;  // its rows attend to each other both ways (Gemma 3): one decode
     std::string id;                  // content hash
     std::shared_ptr<const std::vector<float>> embd;  // n_tokens rows of the model's input width
